@@ -1,0 +1,258 @@
+"""The search spec: one YAML file, validated once, passed down whole.
+
+Every section is a pydantic model with ``extra="forbid"`` so a typo is an error naming the
+field, not a silently ignored key. Relative paths are resolved against the directory the
+command runs in (like any CLI) and made absolute here, because Ray Tune changes each
+trial's working directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ARCH_PARAMS",
+    "Choice",
+    "IntRange",
+    "FloatRange",
+    "PerBlock",
+    "Objective",
+    "Constraints",
+    "Scheduler",
+    "SearchSettings",
+    "DataSpec",
+    "TrainSpec",
+    "ResourcesSpec",
+    "MlflowSpec",
+    "SearchSpec",
+    "SpecError",
+    "load_spec",
+]
+
+# The architecture parameters of DESIGN.md, in the order the sampler suggests them.
+ARCH_PARAMS = (
+    "img_size", "patch_size", "outer_dim", "depth", "outer_heads", "mlp_ratio",
+    "inner_dim", "words", "inner_heads", "inner_mlp_ratio", "se", "se_ratio",
+    "tnt_blocks", "drop_path", "num_classes",
+)
+OBJECTIVE_METRICS = ("val_top1", "val_top5", "val_loss", "macs", "params", "throughput")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Choice(_Strict):
+    """``{choice: [a, b, c]}``: a categorical parameter."""
+
+    choice: list[Any] = Field(min_length=1)
+
+
+class IntRange(_Strict):
+    """``{int: [low, high], step: 1, log: false}``: an integer range, both ends included."""
+
+    int: tuple[int, int]
+    step: int = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if self.int[0] > self.int[1]:
+            raise ValueError(f"int range [{self.int[0]}, {self.int[1]}] must have low <= high")
+        return self
+
+
+class FloatRange(_Strict):
+    """``{float: [low, high], log: false}``: a real range."""
+
+    float: tuple[float, float]
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.float[0] > self.float[1]:
+            raise ValueError(f"float range [{self.float[0]}, {self.float[1]}] must have low <= high")
+        return self
+
+
+class PerBlock(_Strict):
+    """``tnt_blocks: {per_block: true}``: every block is independently TNT or vanilla.
+
+    This expresses every Table 5 variant (TNT-S-1..4), all-TNT and all-vanilla (DeiT).
+    """
+
+    per_block: Literal[True]
+
+
+Param = Union[Choice, IntRange, FloatRange, PerBlock, int, float, str, list[int], None]
+
+
+class Objective(_Strict):
+    """One objective; ``ref`` is its hypervolume reference value, fixed here so that runs
+    stay comparable (a reference taken from the data would move with every trial)."""
+
+    metric: Literal["val_top1", "val_top5", "val_loss", "macs", "params", "throughput"]
+    mode: Literal["max", "min"]
+    ref: float
+
+
+class Constraints(_Strict):
+    """Hard limits; infeasible architectures are costed and reported but never trained."""
+
+    max_macs: float | None = Field(default=None, gt=0)
+    max_params: float | None = Field(default=None, gt=0)
+    min_throughput: float | None = Field(default=None, gt=0)
+    throughput_batch_size: int = Field(default=32, ge=1)
+
+
+class Scheduler(_Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class SearchSettings(_Strict):
+    algorithm: Literal["nsga2", "tpe", "random"] = "nsga2"
+    num_samples: int = Field(default=16, ge=1)
+    max_concurrent: int = Field(default=2, ge=1)
+    seed: int = 0
+    population_size: int = Field(default=8, ge=2)
+    baselines: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
+    scheduler: Scheduler = Scheduler()
+
+
+class DataSpec(_Strict):
+    """FFCV files and loader settings. ``mean``/``std`` are 0-1 floats per channel."""
+
+    train: str
+    val: str
+    batch_size: int = Field(default=64, ge=1)
+    num_workers: int = Field(default=1, ge=1)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mixup: float = Field(default=0.0, ge=0)
+    cutmix: float = Field(default=0.0, ge=0)
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    in_memory: bool = True
+
+
+class TrainSpec(_Strict):
+    """The paper's recipe (Table 3), scaled down by the spec. ``lr`` is per 512 images and
+    scales linearly with the global batch (batch_size x workers), as in DeiT."""
+
+    epochs: int = Field(default=300, ge=1)
+    lr: float = Field(default=5e-4, gt=0)
+    min_lr: float = Field(default=1e-5, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_epochs: int = Field(default=5, ge=0)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    clip_grad: float | None = Field(default=None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+
+
+class ResourcesSpec(_Strict):
+    """Per trial: Ray Train workers (DDP ranks) and what each one holds."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    max_failures: int = Field(default=2, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gpu(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("use_gpu") and "gpus_per_worker" not in data:
+            data = {**data, "gpus_per_worker": 1}
+        return data
+
+    @model_validator(mode="after")
+    def _gpu_consistent(self) -> ResourcesSpec:
+        if self.gpus_per_worker > 0 and not self.use_gpu:
+            raise ValueError("gpus_per_worker > 0 needs use_gpu: true")
+        return self
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    registered_model: str | None = None
+
+
+class SearchSpec(_Strict):
+    """The whole file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    space: dict[str, Param]
+    objectives: list[Objective] = Field(min_length=1)
+    constraints: Constraints = Constraints()
+    search: SearchSettings = SearchSettings()
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    mlflow: MlflowSpec = MlflowSpec()
+    storage: str = "ray_results"
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(space) - set(ARCH_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown architecture parameter(s) {unknown}; allowed: {list(ARCH_PARAMS)}")
+        return space
+
+    @model_validator(mode="after")
+    def _objectives_unique(self) -> SearchSpec:
+        metrics = [o.metric for o in self.objectives]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"objectives name a metric twice: {metrics}")
+        return self
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or self.name
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p[0].isupper()))
+        lines.append(f"{loc or '<top>'}: {e['msg']}")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def _absolute(path: str, base: Path) -> str:
+    return str((base / path).resolve()) if "://" not in path else path
+
+
+def load_spec(path: str | Path, base_dir: str | Path | None = None) -> SearchSpec:
+    """Read, validate and return the spec; raise ``SpecError`` naming the bad field.
+
+    Relative data and storage paths become absolute against ``base_dir`` (default: the
+    current directory). Architecture checks that need the model (heads dividing dims,
+    constraints nobody can meet) live in ``tntsearch.space.check_space``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        spec = SearchSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"{path}: {_format_errors(e)}") from None
+    base = Path(base_dir or Path.cwd())
+    data = spec.data.model_copy(update={"train": _absolute(spec.data.train, base), "val": _absolute(spec.data.val, base)})
+    return spec.model_copy(update={"data": data, "storage": _absolute(spec.storage, base)})
