@@ -1,0 +1,53 @@
+"""Data sets as FFCV `.beton` files and the loaders that feed training.
+
+- `convert(source, out, ...)` / `python -m tntsearch.data convert SOURCE OUT.beton`: write
+  an image folder, a `.npz`, CIFAR batches, or the built-in `digits` / `synthetic` sets.
+- `read_classes(beton)`, `read_info(beton)`: the class names and a checked description.
+- `make_loaders(data_spec, img_size, device=...)`: the train/val FFCV loaders.
+- `clone_batch(batch)`: loaders reuse their batch buffers; clone what you keep.
+- `ffcv_fixes`: the FFCV 1.0.2 defects and their workarounds, in one place.
+
+See docs/data.md. Names are imported on first use, so that `python -m tntsearch.data`
+answers bad input without importing torch and FFCV.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "VAL_CROP_RATIO",
+    "BetonInfo",
+    "PipelineError",
+    "SafeLoader",
+    "SafeWriter",
+    "clone_batch",
+    "convert",
+    "make_loaders",
+    "read_classes",
+    "read_info",
+]
+
+_HOME = {
+    "BUILTIN_SOURCES": "writing", "BetonInfo": "writing", "convert": "writing",
+    "read_classes": "writing", "read_info": "writing",
+    "PipelineError": "ffcv_fixes", "SafeLoader": "ffcv_fixes", "SafeWriter": "ffcv_fixes",
+    "clone_batch": "ffcv_fixes",
+    "VAL_CROP_RATIO": "loaders", "make_loaders": "loaders",
+}
+
+if TYPE_CHECKING:
+    from .writing import BUILTIN_SOURCES, BetonInfo, convert, read_classes, read_info
+    from .ffcv_fixes import PipelineError, SafeLoader, SafeWriter, clone_batch
+    from .loaders import VAL_CROP_RATIO, make_loaders
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
