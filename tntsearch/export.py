@@ -547,7 +547,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
     config = read_config(path)
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
     model = create_model(TNTConfig.from_dict(config["architecture"]))
-    missing, unexpected = load_weights(model, str(folder / FILES["weights"]), strict=True, device=str(device))
+    load_weights(model, str(folder / FILES["weights"]), strict=True, device=str(device))  # raises on any mismatch
     return model.to(device).eval()
 
 
