@@ -1,0 +1,208 @@
+"""What a user sees: a real ``mlflow server`` filled by a real Tune search through
+MlflowTracker, read back through the REST API and rendered by a headless Chromium.
+
+The tracker is set up while the server is still down (its records are buffered and kept in
+a fallback file), then the server comes up and the search runs: everything arrives once,
+and the fallback file goes away. Ray starts once for this module (reused if running).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tntsearch.tracking import TAG_PARETO, TAG_STATUS, TELEMETRY_ENV, MlflowTracker
+
+import ray  # noqa: E402  (after tntsearch.tracking: MLflow telemetry is off before Ray starts)
+from ray import tune  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--virtual-time-budget=5000", "--window-size=1400,1000",
+]
+SEARCH_NAME = "dash-search-7f3"
+EXPERIMENT = "dashboard-exp"
+OBJECTIVES = [("val_top1", "max", 0.0), ("macs", "min", 4e6)]
+TRIALS = [
+    dict(baseline="tiny_vit", inner_dim=8, macs=1e6, acc=0.7, feasible=1),
+    dict(baseline="", inner_dim=16, macs=2e6, acc=0.8, feasible=1),
+    dict(baseline="", inner_dim=32, macs=5e6, acc=None, feasible=0),
+]
+
+
+def small_trainable(config):
+    """Two epochs (or one infeasible report), following tntsearch.search's result contract."""
+    arch = {"img_size": 32, "patch_size": 8, "outer_dim": 64, "depth": 2, "outer_heads": 2, "mlp_ratio": 2.0,
+            "inner_dim": config["inner_dim"], "words": 4, "inner_heads": 1, "inner_mlp_ratio": 2.0, "se": "none",
+            "se_ratio": 0.25, "tnt_blocks": [1], "drop_path": 0.0, "num_classes": 10}
+    base = {"arch": arch, "params": 1e5, "macs": config["macs"], "throughput": 300.0, "baseline": config["baseline"]}
+    if not config["feasible"]:
+        tune.report({**base, "feasible": 0, "violation": 0.25, "epoch": 0})
+        return
+    for epoch in (1, 2):
+        acc = config["acc"] * epoch / 2
+        tune.report({**base, "feasible": 1, "violation": 0.0, "epoch": epoch, "train_loss": 1 - acc, "val_loss": 1 - acc,
+                     "val_top1": acc, "val_top5": acc, "lr": 1e-3, "images_per_s": 50.0})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server and everything it spawned (uvicorn, job consumers): its own process
+    group, which this test created with start_new_session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dashboard")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    tracker = MlflowTracker(url, EXPERIMENT, {"name": SEARCH_NAME, "train": {"epochs": 2}}, None, OBJECTIVES, 2,
+                            fallback_path=base / "pending.jsonl", final_retry_s=30, max_backoff_s=1.0,
+                            plot_every_s=3600)  # pictures once, at the end
+    tracker.setup()  # the server is not up yet: buffered, and kept on disk
+    buffered_while_down = (tracker.pending, tracker.parent_run_id, (base / "pending.jsonl").is_file())
+
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{base / 'server.db'}", "--artifacts-destination", str(base / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # No GenAI job workers (7 extra processes importing MLflow: ~3x slower start here).
+        env={**os.environ, **TELEMETRY_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    started_ray = not ray.is_initialized()
+    try:
+        if started_ray:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
+            time.sleep(0.5)
+        tune.Tuner(
+            small_trainable, param_space=tune.grid_search(TRIALS),
+            tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
+            run_config=tune.RunConfig(name="dash", storage_path=str(base / "ray_results"), callbacks=[tracker], verbose=0),
+        ).fit()
+        yield {"url": url, "tracker": tracker, "base": base, "buffered_while_down": buffered_while_down}
+    finally:
+        _stop(proc)
+        log.close()
+        if started_ray:
+            ray.shutdown()
+
+
+def _api(url: str, path: str, **kw):
+    r = requests.post(f"{url}/api/2.0/mlflow/{path}", json=kw, timeout=30) if kw else requests.get(f"{url}/api/2.0/mlflow/{path}", timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def test_records_buffered_while_the_server_was_down_all_arrive(dashboard):
+    pending, parent, fallback_written = dashboard["buffered_while_down"]
+    assert pending > 0 and parent is None and fallback_written
+    tracker = dashboard["tracker"]
+    assert tracker.pending == 0 and tracker.dropped == [] and tracker.parent_run_id
+    assert not (dashboard["base"] / "pending.jsonl").exists()  # delivered: nothing left to import
+
+
+def test_rest_api_answers_with_the_parent_and_children(dashboard):
+    url, tracker = dashboard["url"], dashboard["tracker"]
+    exp = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": EXPERIMENT}, timeout=30).json()
+    exp_id = exp["experiment"]["experiment_id"]
+    runs = _api(url, "runs/search", experiment_ids=[exp_id], max_results=100)["runs"]
+    parents = [r for r in runs if r["info"]["run_name"] == SEARCH_NAME]
+    assert len(parents) == 1 and parents[0]["info"]["run_id"] == tracker.parent_run_id  # created once, not twice
+    children = [r for r in runs if {"key": "mlflow.parentRunId", "value": tracker.parent_run_id} in r["data"].get("tags", [])]
+    assert len(children) == len(TRIALS)
+    tags = [{t["key"]: t["value"] for t in c["data"]["tags"]} for c in children]
+    assert sorted(t[TAG_STATUS] for t in tags) == ["completed", "completed", "infeasible"]
+    assert sorted(t[TAG_PARETO] for t in tags) == ["false", "true", "true"]
+    files = _api(url, f"artifacts/list?run_id={tracker.parent_run_id}&path=pareto")["files"]
+    assert {"pareto/front.html", "pareto/val_top1_vs_macs.png"} <= {f["path"] for f in files}
+    png = requests.get(f"{url}/get-artifact", params={"path": "pareto/val_top1_vs_macs.png", "run_uuid": tracker.parent_run_id}, timeout=30)
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    page = requests.get(f"{url}/get-artifact", params={"path": "pareto/front.html", "run_uuid": tracker.parent_run_id}, timeout=60).text
+    assert "Plotly.newPlot" in page and "baseline: tiny_vit" in page and "tnt_blocks: 1" in page  # hover: the architecture
+
+
+def _chromium(url: str, workdir: Path, name: str, what: str) -> str | Path:
+    """The DOM after 5 s of virtual time (``what="dom"``) or a screenshot's path.
+
+    One page per process, one process at a time, with a fresh profile: with --dump-dom and
+    --screenshot together, or with several browsers at once against the single-worker
+    server, the runs page sometimes never finishes its virtual time; a stuck run is retried
+    once.
+    """
+    shot = workdir / f"{name}.png"
+    for attempt in range(2):
+        profile = workdir / f"profile-{name}-{attempt}"
+        out = ["--dump-dom"] if what == "dom" else [f"--screenshot={shot}"]
+        proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *out, url],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the browser and its helpers: our own group
+            proc.communicate()
+            continue
+        assert proc.returncode == 0, f"chromium exited with {proc.returncode} on {url}"
+        return stdout if what == "dom" else shot
+    raise AssertionError(f"chromium did not finish {url} twice in a row")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"headless Chromium not found at {CHROMIUM} (Debian package `chromium`; `make setup` installs it)")
+    return CHROMIUM
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_browser_shows_the_search_and_its_pareto_pages(dashboard, chromium, tmp_path):
+    url, tracker = dashboard["url"], dashboard["tracker"]
+    exp_id = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": EXPERIMENT},
+                          timeout=30).json()["experiment"]["experiment_id"]
+    runs = f"{url}/#/experiments/{exp_id}/runs"
+    picture = f"{runs}/{tracker.parent_run_id}/artifacts/pareto/val_top1_vs_macs.png"
+    assert SEARCH_NAME in _chromium(runs, tmp_path, "runs", "dom")  # the parent run is in the runs table
+    assert _is_png(_chromium(runs, tmp_path, "runs", "screenshot"))
+    # The front's picture is shown on the parent run's artifact page.
+    assert 'alt="pareto/val_top1_vs_macs.png"' in _chromium(picture, tmp_path, "picture", "dom")
+    assert _is_png(_chromium(picture, tmp_path, "picture", "screenshot"))

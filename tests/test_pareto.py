@@ -1,0 +1,223 @@
+"""Non-dominated sorting and hypervolume against hand-computed fronts, a brute-force grid
+reference, and Optuna's own (private) WFG implementation; plus the front's pictures."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from tntsearch import pareto
+from tntsearch.pareto import (
+    Objective,
+    as_objectives,
+    front_hypervolume,
+    front_mask,
+    front_ranks,
+    hypervolume,
+    non_dominated_sort,
+    pareto_mask,
+    plot_pairs,
+    to_minimisation,
+)
+
+
+def _grid_hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+    """Independent reference: cut the box into the grid of all point coordinates and add up
+    the cells whose lower corner some point weakly dominates (exact, exponential in k)."""
+    pts = points[np.all(points < ref, axis=1)]
+    if len(pts) == 0:
+        return 0.0
+    axes = [np.unique(np.concatenate([pts[:, j], [ref[j]]])) for j in range(len(ref))]
+    total = 0.0
+    for cell in itertools.product(*(range(len(a) - 1) for a in axes)):
+        lower = np.array([axes[j][c] for j, c in enumerate(cell)])
+        if np.any(np.all(pts <= lower, axis=1)):
+            total += float(np.prod([axes[j][c + 1] - axes[j][c] for j, c in enumerate(cell)]))
+    return total
+
+
+def _fronts_as_sets(fronts):
+    return [set(f.tolist()) for f in fronts]
+
+
+# -- non-dominated sorting -------------------------------------------------------------
+
+
+def test_sort_hand_case_with_duplicates_and_ties():
+    pts = np.array([(1, 5), (2, 2), (5, 1), (3, 3), (4, 4), (2, 2), (6, 6), (1, 6)], dtype=float)
+    # (2,2) appears twice: duplicates never dominate each other, both stay on front 0.
+    # (1,6) ties (1,5) on the first objective and is worse on the second: dominated.
+    assert _fronts_as_sets(non_dominated_sort(pts)) == [{0, 1, 2, 5}, {3, 7}, {4}, {6}]
+    assert front_ranks(pts).tolist() == [0, 0, 0, 1, 2, 0, 3, 1]
+    assert pareto_mask(pts).tolist() == [True, True, True, False, False, True, False, False]
+
+
+def test_sort_three_objectives_hand_case():
+    pts = np.array([(1, 2, 3), (2, 1, 3), (3, 3, 1), (2, 2, 3), (3, 3, 3), (1, 2, 3)], dtype=float)
+    # (2,2,3) is dominated by (1,2,3) and (2,1,3); (3,3,3) by everything above it.
+    assert _fronts_as_sets(non_dominated_sort(pts)) == [{0, 1, 2, 5}, {3}, {4}]
+
+
+def test_sort_matches_the_definition_on_random_points():
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 4):
+        pts = rng.integers(0, 5, size=(40, k)).astype(float)  # small ints: many ties/duplicates
+        fronts = non_dominated_sort(pts)
+        assert sorted(np.concatenate(fronts).tolist()) == list(range(40))
+        for r, front in enumerate(fronts):
+            for i, j in itertools.product(front, front):
+                assert not pareto.dominates(pts[i], pts[j])
+            if r:
+                for j in front:
+                    assert any(pareto.dominates(pts[i], pts[j]) for i in fronts[r - 1])
+        assert np.array_equal(pareto_mask(pts), front_ranks(pts) == 0)
+
+
+def test_modes_flip_maximised_columns_at_the_boundary():
+    # (accuracy max, MACs min): (0.8, 4) and (0.5, 2) trade off; (0.5, 3) is dominated by (0.5, 2).
+    pts = np.array([(0.8, 4.0), (0.5, 2.0), (0.5, 3.0)])
+    assert pareto_mask(pts, ["max", "min"]).tolist() == [True, True, False]
+    assert front_ranks(pts, ["max", "min"]).tolist() == [0, 0, 1]
+    assert pareto_mask(pts).tolist() == [False, True, False]  # all minimised: (0.5, 2) dominates
+    assert hypervolume(pts, [0.0, 10.0], ["max", "min"]) == pytest.approx(5.8)  # see the hand case below
+    with pytest.raises(ValueError, match="modes"):
+        pareto_mask(pts, ["max", "maximise"])
+
+
+def test_sort_rejects_missing_values():
+    with pytest.raises(ValueError, match="finite"):
+        non_dominated_sort(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    assert non_dominated_sort(np.zeros((0, 2))) == []
+
+
+# -- hypervolume ----------------------------------------------------------------------
+
+
+def test_hypervolume_2d_hand_cases():
+    ref = np.array([4.0, 4.0])
+    stairs = np.array([(1, 3), (2, 2), (3, 1)], dtype=float)
+    # Columns x in [1,2): height 1; [2,3): 2; [3,4): 3 -> 6.
+    assert hypervolume(stairs, ref) == pytest.approx(6.0)
+    # Duplicates, a dominated point, and points outside the box (or on its edge) add nothing.
+    extra = np.array([(2, 2), (3, 3), (5, 0), (4, 0), (0, 4)], dtype=float)
+    assert hypervolume(np.concatenate([stairs, extra]), ref) == pytest.approx(6.0)
+    assert hypervolume(np.array([(1.0, 1.0)]), ref) == pytest.approx(9.0)
+    assert hypervolume(np.zeros((0, 2)), ref) == 0.0
+    assert hypervolume(np.array([(5.0, 5.0)]), ref) == 0.0
+
+
+def test_hypervolume_3d_hand_cases():
+    assert hypervolume(np.array([(1.0, 1.0, 1.0)]), [2, 3, 4]) == pytest.approx(6.0)
+    pts = np.array([(1, 2, 3), (2, 1, 3), (3, 3, 1)], dtype=float)
+    # Inclusion-exclusion with ref (4,4,4): 6 + 6 + 3 - 4 - 1 - 1 + 1 = 10.
+    assert hypervolume(pts, [4, 4, 4]) == pytest.approx(10.0)
+    dup = np.concatenate([pts, pts[:2], [(3, 3, 3), (1, 1, 4)]])  # duplicates, dominated, on the edge
+    assert hypervolume(dup, [4, 4, 4]) == pytest.approx(10.0)
+
+
+def test_hypervolume_of_maximised_objectives_flips_once():
+    # accuracy (max, ref 0) and MACs (min, ref 10): trials (0.8, 4) and (0.5, 2).
+    objs = as_objectives([("val_top1", "max", 0.0), ("macs", "min", 10.0)])
+    rows = [{"metrics": {"val_top1": 0.8, "macs": 4.0}}, {"metrics": {"val_top1": 0.5, "macs": 2.0}}]
+    # MACs in [2,4) reach accuracy 0.5, [4,10) reach 0.8: 2*0.5 + 6*0.8 = 5.8.
+    assert front_hypervolume(rows, objs) == pytest.approx(5.8)
+    pts = to_minimisation(np.array([[0.8, 4.0], [0.5, 2.0]]), ["max", "min"])
+    assert pts.tolist() == [[-0.8, 4.0], [-0.5, 2.0]]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_hypervolume_matches_grid_reference_and_optuna(k):
+    from optuna._hypervolume import compute_hypervolume  # private: used only as a reference
+
+    rng = np.random.default_rng(k)
+    ref = np.full(k, 1.0)
+    for n in (1, 2, 7, 12):
+        pts = rng.random((n, k)).round(2)
+        pts = np.concatenate([pts, pts[: n // 2]])  # duplicates
+        expected = _grid_hypervolume(pts, ref)
+        assert hypervolume(pts, ref) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        assert hypervolume(pts, ref) == pytest.approx(compute_hypervolume(pts, ref), rel=1e-12, abs=1e-12)
+        assert hypervolume(rng.permutation(pts), ref) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        # Points partly outside the box: Optuna refuses them; here they count for nothing.
+        outside = np.concatenate([pts, rng.random((3, k)) + 0.9])
+        assert hypervolume(outside, ref) == pytest.approx(_grid_hypervolume(outside, ref), rel=1e-12, abs=1e-12)
+
+
+def test_hypervolume_never_decreases_when_a_point_is_added():
+    rng = np.random.default_rng(7)
+    pts = rng.random((30, 3))
+    hvs = [hypervolume(pts[:i], [1.0, 1.0, 1.0]) for i in range(31)]
+    assert all(b >= a - 1e-15 for a, b in zip(hvs, hvs[1:]))
+    assert hvs[0] == 0.0 and hvs[-1] > 0
+
+
+def test_bad_reference_point_and_objectives_are_refused():
+    with pytest.raises(ValueError, match="ref"):
+        hypervolume(np.ones((2, 2)), [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="ref"):
+        hypervolume(np.ones((2, 2)), [1.0, np.inf])
+    with pytest.raises(ValueError, match="mode"):
+        Objective("val_top1", "maximise", 0.0)
+    with pytest.raises(ValueError, match="ref"):
+        Objective("macs", "min", float("nan"))
+    with pytest.raises(ValueError, match="twice"):
+        as_objectives([("macs", "min", 1), ("macs", "max", 1)])
+
+
+def test_objectives_accept_tuples_dicts_and_attribute_objects():
+    class SpecObjective:  # shaped like the spec's pydantic Objective
+        metric, mode, ref = "throughput", "max", 10
+
+    objs = as_objectives([("val_top1", "max", 0), {"metric": "macs", "mode": "min", "ref": 2e9}, SpecObjective()])
+    assert [o.to_list() for o in objs] == [["val_top1", "max", 0.0], ["macs", "min", 2e9], ["throughput", "max", 10.0]]
+
+
+def test_front_mask_leaves_rows_with_missing_values_off():
+    objs = [("val_top1", "max", 0.0), ("throughput", "max", 0.0)]
+    rows = [
+        {"metrics": {"val_top1": 0.9, "throughput": float("nan")}},  # not measured
+        {"metrics": {"val_top1": 0.7, "throughput": 100.0}},
+        {"metrics": {"val_top1": 0.6, "throughput": 50.0}},
+        {"metrics": {"val_top1": 0.5}},
+    ]
+    assert front_mask(rows, objs).tolist() == [False, True, False, False]
+    assert front_hypervolume(rows, objs) == pytest.approx(0.7 * 100.0)
+
+
+# -- plots ----------------------------------------------------------------------------
+
+
+def _rows():
+    rows = []
+    for i, (acc, macs, params, thr, blocks) in enumerate(
+        [(0.7, 1e6, 1e5, 900.0, []), (0.8, 2e6, 2e5, 500.0, [1, 2]), (0.75, 3e6, 3e5, 400.0, [2]), (0.2, 5e5, 5e4, float("nan"), [1])]
+    ):
+        rows.append({
+            "name": f"trial_{i}", "status": "completed", "baseline": "tiny_vit" if i == 0 else "",
+            "arch": {"outer_dim": 64, "depth": 2, "inner_dim": 8 * (i + 1), "words": 4, "se": "none", "tnt_blocks": blocks},
+            "metrics": {"val_top1": acc, "macs": macs, "params": params, "throughput": thr, "feasible": 1.0},
+        })
+    return rows
+
+
+def test_plot_pairs_put_accuracy_against_every_cost_and_objective():
+    assert plot_pairs([("val_top1", "max", 0), ("macs", "min", 1)]) == [
+        ("macs", "val_top1"), ("params", "val_top1"), ("throughput", "val_top1")]
+    assert plot_pairs([("val_top5", "max", 0), ("val_loss", "min", 9)])[-1] == ("val_loss", "val_top5")
+
+
+def test_pictures_and_interactive_page(tmp_path):
+    objs = [("val_top1", "max", 0.0), ("macs", "min", 4e6)]
+    pngs = pareto.write_front_pngs(_rows(), objs, tmp_path, title="t")
+    assert [p.name for p in pngs] == ["val_top1_vs_macs.png", "val_top1_vs_params.png", "val_top1_vs_throughput.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    page = pareto.write_front_html(_rows(), objs, tmp_path / "front.html", title="demo", hypervolume_value=2.4e6).read_text()
+    assert page.count("<script") >= 3 and "Plotly.newPlot" in page
+    assert len(page) > 1_000_000  # plotly.js is inlined, so the page renders offline
+    # Hover text carries the architecture and the baseline's name.
+    assert "tnt_blocks: 1,2" in page and "baseline: tiny_vit" in page and "inner_dim: 16" in page
+    assert "3 on the Pareto front" in page
+    json.dumps(_rows())  # rows are plain JSON-able data
