@@ -1,0 +1,126 @@
+"""tntsearch TNT-S against timm's ``tnt_s_patch16_224``, side by side in one process.
+
+Both models carry the same weights (``from_timm``), see the same batch, run float32 on the
+same device, and are timed interleaved (A B A B ...) so drifts in machine load hit both;
+each side's figure is the median over rounds. Prints images/s and the ratio
+tntsearch / timm for inference and for one training step (forward, loss, backward, AdamW).
+
+    python benchmarks/model_speed.py --batch-size 8 --repeats 5
+    python benchmarks/model_speed.py --ablations   # also the variants in docs/model_and_cost.md
+    python benchmarks/model_speed.py --compile     # also torch.compile(tntsearch)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import types
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tntsearch.cost import make_step, time_step
+from tntsearch.model import TNT, Block, TNTBlock, WordEmbed, from_timm
+
+__all__ = ["contenders", "compare", "main"]
+
+
+# --- ablations: tntsearch with one speed-up undone at a time -------------------------------
+
+def _unfused(model: TNT, which: str) -> TNT:
+    """Manual softmax attention (timm's TNT way) in the inner ('inner') or every ('all') block."""
+    for blk in model.blocks:
+        if isinstance(blk, TNTBlock):
+            blk.inner.attn.fused_attn = False
+            if which == "all":
+                blk.outer.attn.fused_attn = False
+        elif isinstance(blk, Block) and which == "all":
+            blk.attn.fused_attn = False
+    return model
+
+
+def _unfold_stem_forward(self: WordEmbed, x: torch.Tensor) -> torch.Tensor:
+    """timm's PixelEmbed layout: nn.Unfold, transpose, reshape (two copies instead of one)."""
+    B, C, H, W = x.shape
+    p = self.patch_size
+    x = F.unfold(x, p, stride=p).transpose(1, 2).reshape(-1, C, p, p)
+    return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _cat_block_forward(self: TNTBlock, words, sentences):
+    """timm's sentence update: slice, add, concatenate with the class token."""
+    words = self.inner(words)
+    B, N, _ = sentences.shape
+    delta = self.norm2_proj(self.proj(self.norm1_proj(words.reshape(B, N - 1, -1))))
+    sentences = torch.cat([sentences[:, :1], sentences[:, 1:] + delta], dim=1)
+    return words, self.outer(sentences)
+
+
+def _timm_layout(model: TNT) -> TNT:
+    model.word_embed.forward = types.MethodType(_unfold_stem_forward, model.word_embed)
+    for blk in model.blocks:
+        if isinstance(blk, TNTBlock):
+            blk.forward = types.MethodType(_cat_block_forward, blk)
+    return model
+
+
+def contenders(reference: nn.Module, ablations: bool = False, compile_model: bool = False) -> dict[str, nn.Module]:
+    """timm, tntsearch, and optionally tntsearch variants, all with the same weights."""
+    ours = from_timm(reference)
+    out = {"timm": copy.deepcopy(reference), "tntsearch": copy.deepcopy(ours)}
+    if ablations:
+        out["unfused inner attn"] = _unfused(copy.deepcopy(ours), "inner")
+        out["unfused all attn"] = _unfused(copy.deepcopy(ours), "all")
+        out["timm reshapes"] = _timm_layout(copy.deepcopy(ours))
+    if compile_model:
+        out["torch.compile"] = torch.compile(copy.deepcopy(ours))
+    return out
+
+
+def compare(batch_size: int = 8, repeats: int = 5, warmup: int = 1, device: str = "cpu",
+            modes: tuple[str, ...] = ("inference", "train"), ablations: bool = False,
+            compile_model: bool = False, model_name: str = "tnt_s_patch16_224") -> list[dict]:
+    """Images/s of every contender per mode, timed interleaved; one dict per mode."""
+    torch.manual_seed(0)
+    reference = timm.create_model(model_name, pretrained=False)
+    rows = []
+    for mode in modes:
+        models = contenders(reference, ablations, compile_model)
+        steps = {name: make_step(m, device, batch_size, 224, mode) for name, m in models.items()}
+        for name, step in steps.items():
+            for _ in range(warmup + (2 if name == "torch.compile" else 0)):
+                step()
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):
+            for name, step in steps.items():  # interleaved: A B C A B C ...
+                times[name].append(time_step(step, device))
+        rows.append({"mode": mode, **{name: batch_size / statistics.median(ts) for name, ts in times.items()}})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+    parser.add_argument("--ablations", action="store_true", help="also time tntsearch with each speed-up undone")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(tntsearch)")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
+          f"threads {torch.get_num_threads()}, batch {args.batch_size}, float32, median of {args.repeats}")
+    for row in compare(args.batch_size, args.repeats, args.warmup, args.device, tuple(args.modes),
+                       args.ablations, args.compile):
+        print(f"{row['mode']}:")
+        for name, value in row.items():
+            if name != "mode":
+                print(f"  {name:20s} {value:8.2f} img/s   ratio to timm {value / row['timm']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
