@@ -4,8 +4,10 @@ Both read the same ~5,000 JPEG images (random crops of scikit-image's sample pho
 resized to 160x160, one class per photo) with the same augmentation -- RandomResizedCrop to
 128 (scale 0.35-1, ratio 3/4-4/3), horizontal flip, normalisation -- the same batch size and
 the same number of workers (FFCV threads vs DataLoader processes). Epochs alternate between
-the two so that load from other processes hits both alike. Prints images/s, the ratio,
-and FFCV's first-epoch numba compile (JIT warm-up) time.
+the two so that load from other processes hits both alike. Prints images/s (wall clock),
+images per CPU-second (this process's threads plus the DataLoader's worker processes, which
+other processes' load does not change), the ratios, and FFCV's first-epoch numba compile
+(JIT warm-up) time.
 
     .venv/bin/python benchmarks/loader_speed.py [--images 5000] [--workers N] [--epochs 3]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -47,11 +50,18 @@ def make_jpegs(root: Path, count: int, seed: int = 0) -> int:
     return len(photos)
 
 
-def timed_epoch(loader) -> tuple[float, int]:
-    start, seen = time.perf_counter(), 0
+def _cpu_seconds() -> float:
+    """User + system time of this process and of its reaped children (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_epoch(loader) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, images) of one epoch."""
+    start, cpu, seen = time.perf_counter(), _cpu_seconds(), 0
     for images, _ in loader:
         seen += images.shape[0]
-    return time.perf_counter() - start, seen
+    return time.perf_counter() - start, _cpu_seconds() - cpu, seen
 
 
 def main() -> None:
@@ -89,27 +99,35 @@ def main() -> None:
             transforms.ToTensor(),
             transforms.Normalize(spec.mean, spec.std),
         ])
+        # Workers end with each epoch (forked, so cheap to start) so that their CPU time is counted.
         torch_loader = DataLoader(datasets.ImageFolder(str(root), transform=augment), batch_size=BATCH,
-                                  shuffle=True, drop_last=True, num_workers=args.workers, persistent_workers=True)
+                                  shuffle=True, drop_last=True, num_workers=args.workers)
 
-        warm_ffcv, _ = timed_epoch(ffcv_loader)  # includes numba's compile of the pipeline
-        warm_torch, _ = timed_epoch(torch_loader)  # includes starting the worker processes
+        warm_ffcv, _, _ = timed_epoch(ffcv_loader)  # includes numba's compile of the pipeline
+        warm_torch, _, _ = timed_epoch(torch_loader)
         rates: dict[str, list[float]] = {"ffcv": [], "torchvision": []}
+        per_cpu: dict[str, list[float]] = {"ffcv": [], "torchvision": []}
         for _ in range(args.epochs):
             for name, loader in (("ffcv", ffcv_loader), ("torchvision", torch_loader)):
-                seconds, seen = timed_epoch(loader)
+                seconds, cpu, seen = timed_epoch(loader)
                 rates[name].append(seen / seconds)
+                per_cpu[name].append(seen / cpu)
 
     ffcv_rate, torch_rate = (statistics.median(rates[k]) for k in ("ffcv", "torchvision"))
+    ffcv_cpu, torch_cpu = (statistics.median(per_cpu[k]) for k in ("ffcv", "torchvision"))
     steady_ffcv_epoch = (args.images // BATCH) * BATCH / ffcv_rate
     print(f"FFCV (tntsearch.data)         {ffcv_rate:8.0f} images/s  (median of {args.epochs} epochs: "
           f"{', '.join(f'{r:.0f}' for r in rates['ffcv'])})")
     print(f"torchvision ImageFolder       {torch_rate:8.0f} images/s  (median of {args.epochs} epochs: "
           f"{', '.join(f'{r:.0f}' for r in rates['torchvision'])})")
     print(f"ratio FFCV / torchvision      {ffcv_rate / torch_rate:8.2f}x")
+    print(f"images per CPU-second         FFCV {ffcv_cpu:.0f}, torchvision {torch_cpu:.0f}: "
+          f"ratio {ffcv_cpu / torch_cpu:.2f}x")
     print(f"FFCV JIT warm-up              {build_s + warm_ffcv - steady_ffcv_epoch:8.1f} s  "
           f"(loader build {build_s:.1f} s + first epoch {warm_ffcv:.1f} s - a warm epoch {steady_ffcv_epoch:.1f} s)")
-    print(f"torchvision first epoch       {warm_torch:8.1f} s  (includes starting {args.workers} worker processes)")
+    print(f"torchvision first epoch       {warm_torch:8.1f} s")
+    print(f"host: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} at the end "
+          "(other processes' load slows both loaders alike: epochs alternate)")
 
 
 if __name__ == "__main__":
