@@ -6,6 +6,7 @@ files and loaders: every FFCV loader pays a numba compile of its pipeline (secon
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -88,9 +89,16 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
     return root / "digits_train.beton", root / "digits_val.beton"
 
 
-# Module-scoped loaders stay referenced until the interpreter exits: collected between
-# tests, numba's finaliser prints the KeyError above outside any test's warning filter.
+# Module-scoped loaders stay referenced until the interpreter exits, and each test's own
+# loaders are collected in its teardown: collected later, numba's finaliser prints the
+# KeyError above outside any test's warning filter.
 _KEEP_ALIVE: list = []
+
+
+@pytest.fixture(autouse=True)
+def _collect_loaders():
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
