@@ -58,18 +58,23 @@ def _depth_bound(space: Mapping[str, Any]) -> int:
     return int(depth)
 
 
-def define_by_run(space: Mapping[str, Any]):
-    """Return ``f(trial)`` that suggests every searched parameter (Ray's OptunaSearch calls it).
+class define_by_run:  # noqa: N801  (used like a function; a class so Tune can pickle it)
+    """``define_by_run(space)(trial)`` suggests every searched parameter (Ray's OptunaSearch
+    calls it). A class rather than a closure because Tune pickles the searcher with the
+    experiment state, for resume.
 
     Per-block switches are suggested for the largest depth the space allows, so their
     distributions never change between trials; blocks past a trial's depth are ignored.
     """
-    names = searched_params(space)
-    max_depth = _depth_bound(space)
 
-    def suggest(trial) -> None:
-        for name in names:
-            p = space[name]
+    def __init__(self, space: Mapping[str, Any]):
+        self.space = dict(space)
+        self.names = searched_params(space)
+        self.max_depth = _depth_bound(space)
+
+    def __call__(self, trial) -> None:
+        for name in self.names:
+            p = self.space[name]
             if isinstance(p, Choice):
                 choices = [_encode_blocks(c) for c in p.choice] if name == "tnt_blocks" else list(p.choice)
                 trial.suggest_categorical(name, choices)
@@ -78,11 +83,8 @@ def define_by_run(space: Mapping[str, Any]):
             elif isinstance(p, FloatRange):
                 trial.suggest_float(name, p.float[0], p.float[1], log=p.log)
             else:  # PerBlock
-                for i in range(1, max_depth + 1):
+                for i in range(1, self.max_depth + 1):
                     trial.suggest_categorical(f"tnt_block_{i}", [True, False])
-        return None
-
-    return suggest
 
 
 def arch_from_params(params: Mapping[str, Any], space: Mapping[str, Any]) -> TNTConfig:

@@ -50,6 +50,8 @@ from ray.tune import Callback  # noqa: E402
 from tntsearch import pareto  # noqa: E402
 
 __all__ = [
+    "trial_outcome",
+    "trial_error",
     "TELEMETRY_ENV",
     "EPOCH_METRICS",
     "COST_METRICS",
@@ -558,7 +560,7 @@ class MlflowTracker(Callback):
                 "trial_id": tid,
                 "name": st["name"],
                 "status": st["status"],
-                "reason": st.get("reason", ""),
+                "reason": st.get("reason") or st.get("infeasible_reason", ""),
                 "baseline": st.get("baseline", ""),
                 "pareto": bool(st.get("pareto")),
                 "arch": st.get("arch") or {},
@@ -671,25 +673,20 @@ class MlflowTracker(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st = self._ensure_trial(trial)
-        if not st.get("n_results"):
-            self._finish(st, "failed", reason="the trial ended before reporting any result")
-        elif st["metrics"].get("feasible", 1.0) != 1.0:
-            self._finish(st, "infeasible")
-        elif st.get("epoch", 0) >= self.epochs:
-            self._finish(st, "completed")
-        else:
-            self._finish(st, "stopped_early")
+        last = {"feasible": st["metrics"].get("feasible", 1.0), "epoch": st.get("epoch", 0)} if st.get("n_results") else None
+        status = trial_outcome(last, self.epochs)
+        self._finish(st, status, reason="the trial ended before reporting any result" if status == "failed" else "")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st = self._ensure_trial(trial)
-        reason, text = _trial_error(trial)
+        reason, text = trial_error(trial)
         if text:
             self._add({"op": "text", "key": st["key"], "artifact_file": "error.txt", "text": text[-_MAX_TEXT:]})
         self._finish(st, "failed", reason=reason)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         st = self._ensure_trial(trial)
-        reason, _ = _trial_error(trial)
+        reason, _ = trial_error(trial)
         self._add({"op": "log", "key": st["key"], "tags": {"last_error": reason[:_MAX_TAG_LEN],
                                                            "num_failures": str(getattr(trial, "num_failures", ""))}})
         self._flush()
@@ -933,7 +930,17 @@ def _violated(result: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _trial_error(trial: Any) -> tuple[str, str]:
+def trial_outcome(last: Mapping[str, Any] | None, epochs: int, errored: bool = False) -> str:
+    """completed | stopped_early | infeasible | failed, from a finished trial's last result:
+    a feasible trial that ended before ``epochs`` was stopped by the scheduler."""
+    if errored or not last:
+        return "failed"
+    if float(last.get("feasible", 1.0)) != 1.0:
+        return "infeasible"
+    return "completed" if last.get("epoch", 0) >= epochs else "stopped_early"
+
+
+def trial_error(trial: Any) -> tuple[str, str]:
     """(one-line reason, full text) of a failed trial's last error.
 
     Read from the trial's local error files (written by ``Trial.handle_error`` just before

@@ -1,0 +1,208 @@
+"""Ray Tune + Optuna: one trial per architecture, costed before it may train.
+
+Flow of a trial (``run_trial``): sampled params -> architecture -> analytic MACs/params
+-> measured throughput on the trial's device -> constraints. An infeasible architecture
+reports its costs and violations once (epoch 0) and trains zero steps; the sampler learns
+of the violation through Optuna's ``Trial.set_constraint`` (``ConstrainedOptunaSearch``,
+the one place that wiring lives). A feasible one trains as a Ray Train ``TorchTrainer``
+whose per-epoch reports reach Tune, where ASHA may stop it early on ``val_top1``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from tntsearch.cost import count_macs, count_params, measure_throughput
+from tntsearch.model import TNTConfig
+from tntsearch.space import arch_from_params, baseline_points, define_by_run
+from tntsearch.spec import SearchSpec
+from tntsearch.tracking import CONSTRAINT_PREFIX
+
+__all__ = [
+    "ConstrainedOptunaSearch",
+    "make_sampler",
+    "make_searcher",
+    "make_scheduler",
+    "constraint_values",
+    "run_trial",
+    "make_tuner",
+    "experiment_path",
+]
+
+
+
+def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler named by ``search.algorithm``, seeded."""
+    s = spec.search
+    if s.algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
+    if s.algorithm == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """OptunaSearch that hands each trial's constraint values to Optuna before ``tell``.
+
+    NOTE: Optuna 5 deprecates samplers' ``constraints_func`` in favour of
+    ``Trial.set_constraint``; Ray's OptunaSearch knows neither, so the reported
+    ``constraint_<name>`` values (<= 0 means satisfied) are set here.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if result and ot_trial is not None and trial_id not in self._completed_trials:
+            for key, value in result.items():
+                if key.startswith(CONSTRAINT_PREFIX) and isinstance(value, (int, float)) and math.isfinite(value):
+                    ot_trial.set_constraint(key[len(CONSTRAINT_PREFIX):], float(value))
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def make_searcher(spec: SearchSpec) -> ConstrainedOptunaSearch:
+    """Multi-objective OptunaSearch over the spec's space; baselines are enqueued first."""
+    return ConstrainedOptunaSearch(
+        space=define_by_run(spec.space),
+        metric=[o.metric for o in spec.objectives],
+        mode=[o.mode for o in spec.objectives],
+        points_to_evaluate=[point for _, point in baseline_points(spec)] or None,
+        sampler=make_sampler(spec),
+    )
+
+
+def make_scheduler(spec: SearchSpec):
+    """ASHA on ``val_top1`` over epochs, or FIFO. Multi-objective Optuna studies cannot prune,
+    so early stopping is Ray's job; infeasible trials report epoch 0, below every rung."""
+    s = spec.search.scheduler
+    if s.type == "none":
+        return tune.schedulers.FIFOScheduler()
+    return tune.schedulers.ASHAScheduler(
+        time_attr="epoch",
+        metric="val_top1",
+        mode="max",
+        max_t=spec.train.epochs,
+        grace_period=min(s.grace_period, spec.train.epochs),
+        reduction_factor=s.reduction_factor,
+    )
+
+
+def constraint_values(spec: SearchSpec, *, params: float, macs: float, throughput: float | None = None) -> dict[str, float]:
+    """Relative constraint values, Optuna's convention: <= 0 satisfied, > 0 violated by that
+    fraction of the limit. Throughput is left out until it has been measured."""
+    c = spec.constraints
+    values = {}
+    if c.max_macs is not None:
+        values["max_macs"] = (macs - c.max_macs) / c.max_macs
+    if c.max_params is not None:
+        values["max_params"] = (params - c.max_params) / c.max_params
+    if c.min_throughput is not None and throughput is not None:
+        values["min_throughput"] = (c.min_throughput - throughput) / c.min_throughput
+    return values
+
+
+def _measure_on_trial_device(arch: TNTConfig, spec: SearchSpec) -> float:
+    """Throughput measured by a Ray task holding what one training worker holds, so the
+    number is taken on the hardware (and thread count) the trial would train on."""
+    r = spec.resources
+    # NOTE: "DEFAULT" keeps the task out of the trial's placement group (which holds only
+    # the trial driver's sliver of CPU), like the Train workers.
+    task = ray.remote(measure_throughput).options(
+        num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, scheduling_strategy="DEFAULT"
+    )
+    return ray.get(task.remote(arch, device="cuda" if r.use_gpu else "cpu", batch_size=spec.constraints.throughput_batch_size))
+
+
+def _report_infeasible(spec: SearchSpec, record: dict[str, Any], constraints: dict[str, float]) -> None:
+    """One report, epoch 0, zero training steps. Objectives that were never measured take
+    their reference value (the worst the hypervolume counts), so the sampler has numbers."""
+    fill = {o.metric: o.ref for o in spec.objectives if not _is_number(record.get(o.metric))}
+    tune.report({
+        **fill,
+        **record,
+        "feasible": 0,
+        "violation": sum(max(v, 0.0) for v in constraints.values()),
+        "epoch": 0,
+        **{CONSTRAINT_PREFIX + k: v for k, v in constraints.items()},
+    })
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, dict[str, Any]]) -> None:
+    """The Tune trainable: cost the sampled architecture, then train it if it is feasible."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tntsearch.train import make_trainer
+
+    params = {k: v for k, v in config.items()}
+    baseline = next((name for name, point in baselines.items() if point == params), "")
+    record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan")}
+    try:
+        arch = arch_from_params(params, spec.space)
+    except ValueError as e:
+        record["error"] = f"invalid architecture: {e}"
+        _report_infeasible(spec, record, {"valid": 1.0})
+        return
+    record.update(arch=arch.to_dict(), params=count_params(arch), macs=count_macs(arch))
+    constraints = constraint_values(spec, params=record["params"], macs=record["macs"])
+    if any(v > 0 for v in constraints.values()):
+        _report_infeasible(spec, record, constraints)
+        return
+    record["throughput"] = _measure_on_trial_device(arch, spec)
+    constraints = constraint_values(spec, params=record["params"], macs=record["macs"], throughput=record["throughput"])
+    if any(v > 0 for v in constraints.values()):
+        _report_infeasible(spec, record, constraints)
+        return
+    extra = {**record, "feasible": 1, "violation": 0.0, **{CONSTRAINT_PREFIX + k: v for k, v in constraints.items()}}
+    trainer = make_trainer(
+        arch,
+        spec,
+        name=f"train-{tune.get_context().get_trial_id()}",
+        storage_path=str(Path(experiment_path(spec)) / "train"),
+        extra_metrics=extra,
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def experiment_path(spec: SearchSpec) -> str:
+    """Where Ray Tune keeps this search's state, results and checkpoints."""
+    return os.path.join(spec.storage, spec.name)
+
+
+def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool = False) -> tune.Tuner:
+    """A new Tuner for the spec, or, with ``resume``, the interrupted one restored from
+    storage: finished trials keep their results, unfinished ones continue from their
+    checkpoints and the searcher keeps its history."""
+    trainable = tune.with_parameters(run_trial, spec=spec, baselines=dict(baseline_points(spec)))
+    # NOTE: a trial's driver only waits on its Train workers, which hold the resources;
+    # a whole CPU for it would halve the concurrent trials on a small machine (Ray refuses 0).
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    if resume:
+        return tune.Tuner.restore(
+            experiment_path(spec), trainable=trainable, resume_unfinished=True, restart_errored=False
+        )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(spec),
+            scheduler=make_scheduler(spec),
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=spec.search.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=spec.storage,
+            callbacks=callbacks,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        ),
+    )
