@@ -329,11 +329,11 @@ def _retrain(arch: TNTConfig, spec: Any, epochs: int, label: str) -> tuple[dict[
 
 def preprocessing(arch: TNTConfig, data: Any | None) -> dict[str, Any]:
     """How images must be prepared, as the validation loader prepares them
-    (tntsearch.data.loaders): a centre crop of 224/256 of the shorter side, resized to
+    (tntsearch.data.loaders): a centre crop of ``data.val_crop_ratio`` of the shorter side, resized to
     ``img_size`` x ``img_size``, RGB scaled to [0, 1], then ``(x - mean) / std``, NCHW float32."""
-    from tntsearch.data import VAL_CROP_RATIO as crop
     from tntsearch.spec import DataSpec
 
+    crop = data.val_crop_ratio if data is not None else DataSpec.model_fields["val_crop_ratio"].default
     mean = tuple(data.mean) if data is not None else DataSpec.model_fields["mean"].default
     std = tuple(data.std) if data is not None else DataSpec.model_fields["std"].default
     return {

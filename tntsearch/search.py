@@ -203,6 +203,8 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
             storage_path=spec.storage,
             callbacks=callbacks,
             verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+            # NOTE: Train already retries failed workers (resources.max_failures) from the last
+            # checkpoint; Tune restarts a trial only once more, should its driver die.
+            failure_config=tune.FailureConfig(max_failures=1),
         ),
     )

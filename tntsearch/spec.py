@@ -129,7 +129,8 @@ class SearchSettings(_Strict):
 
 
 class DataSpec(_Strict):
-    """FFCV files and loader settings. ``mean``/``std`` are 0-1 floats per channel."""
+    """FFCV files and loader settings. ``mean``/``std`` are 0-1 floats per channel;
+    validation takes a centre crop of ``val_crop_ratio`` of the image, resized."""
 
     train: str
     val: str
@@ -140,6 +141,8 @@ class DataSpec(_Strict):
     mixup: float = Field(default=0.0, ge=0)
     cutmix: float = Field(default=0.0, ge=0)
     crop_scale: tuple[float, float] = (0.35, 1.0)
+    flip: bool = True  # off for data where a mirror image is another class (digits, text)
+    val_crop_ratio: float = Field(default=224 / 256, gt=0, le=1)  # DeiT's evaluation crop
     in_memory: bool = True
 
 

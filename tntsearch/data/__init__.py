@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "BUILTIN_SOURCES",
-    "VAL_CROP_RATIO",
     "BetonInfo",
     "PipelineError",
     "SafeLoader",
@@ -34,13 +33,13 @@ _HOME = {
     "read_classes": "writing", "read_info": "writing",
     "PipelineError": "ffcv_fixes", "SafeLoader": "ffcv_fixes", "SafeWriter": "ffcv_fixes",
     "clone_batch": "ffcv_fixes",
-    "VAL_CROP_RATIO": "loaders", "make_loaders": "loaders",
+    "make_loaders": "loaders",
 }
 
 if TYPE_CHECKING:
     from .writing import BUILTIN_SOURCES, BetonInfo, convert, read_classes, read_info
     from .ffcv_fixes import PipelineError, SafeLoader, SafeWriter, clone_batch
-    from .loaders import VAL_CROP_RATIO, make_loaders
+    from .loaders import make_loaders
 
 
 def __getattr__(name: str) -> Any:

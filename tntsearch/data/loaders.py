@@ -1,8 +1,8 @@
 """FFCV train/val loaders for a `DataSpec`: DeiT-style augmentation, CPU or GPU, DDP-aware.
 
-Train: RandomResizedCrop (scale `crop_scale`, ratio 3/4..4/3) -> horizontal flip ->
-normalisation [-> timm Mixup/CutMix on the batch]. Val: center crop of 224/256 of the
-shorter side, resized to `img_size` -> normalisation. Images arrive as float32 NCHW tensors
+Train: RandomResizedCrop (scale `crop_scale`, ratio 3/4..4/3) -> horizontal flip (unless
+`flip: false`) -> normalisation [-> timm Mixup/CutMix on the batch]. Val: center crop of
+`val_crop_ratio` (DeiT's 224/256 by default) of the shorter side, resized to `img_size` -> normalisation. Images arrive as float32 NCHW tensors
 in channels-last memory format on `device`; labels as int64 (N,) tensors, or, when mixup or
 cutmix is on, the train loader yields soft float32 (N, num_classes) targets from timm's
 `Mixup` (label smoothing folded in), to be used with `SoftTargetCrossEntropy`.
@@ -32,9 +32,8 @@ from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-__all__ = ["VAL_CROP_RATIO", "make_loaders"]
+__all__ = ["make_loaders"]
 
-VAL_CROP_RATIO = 224 / 256  # the DeiT/TNT evaluation crop: resize to 256, center-crop 224
 _CROP_ASPECT = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
 
@@ -189,11 +188,11 @@ def make_loaders(
     crop = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(data_spec.crop_scale), ratio=_CROP_ASPECT)
     train = SafeLoader(
         str(train_info.path), order=train_order, drop_last=drop_last, batch_transform=mixup_fn,
-        pipelines={"image": _image_pipeline(crop, device, data_spec.mean, data_spec.std, True, on_device),
+        pipelines={"image": _image_pipeline(crop, device, data_spec.mean, data_spec.std, data_spec.flip, on_device),
                    "label": _label_pipeline(device)},
         **common,
     )
-    center = CenterCropRGBImageDecoder((img_size, img_size), ratio=VAL_CROP_RATIO)
+    center = CenterCropRGBImageDecoder((img_size, img_size), ratio=data_spec.val_crop_ratio)
     val = SafeLoader(
         str(val_info.path), order=val_order, drop_last=False,
         pipelines={"image": _image_pipeline(center, device, data_spec.mean, data_spec.std, False, on_device),
