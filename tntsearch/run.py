@@ -56,13 +56,14 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
     return spec
 
 
-def _connect(address: str | None) -> None:
+def _connect(address: str | None, verbose: bool) -> None:
     """A given address; else ``RAY_ADDRESS`` or the cluster ``ray start`` made on this
-    node; else a new local Ray (plain ``ray.init`` tries them in that order)."""
+    node; else a new local Ray (plain ``ray.init`` tries them in that order). Worker logs
+    stay in Ray's log files unless ``verbose``: the progress view says what matters."""
     import ray
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    ray.init(address=address, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
 
 
 def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interval: float = 30.0) -> SearchOutcome:
@@ -133,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: a running cluster if any, else local)")
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
     p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between front printouts")
+    p.add_argument("--verbose", action="store_true", help="stream the Ray workers' logs to this terminal")
     return p
 
 
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    _connect(args.address)
+    _connect(args.address, args.verbose)
     outcome = search(spec, args.spec, resume=args.resume, progress_interval=args.progress_interval)
     print(_summary(spec, outcome), flush=True)
     if outcome.interrupted:

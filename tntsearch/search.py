@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,10 @@ def make_scheduler(spec: SearchSpec):
         max_t=spec.train.epochs,
         grace_period=min(s.grace_period, spec.train.epochs),
         reduction_factor=s.reduction_factor,
+        # NOTE: stopping a trial kills its driver mid-``fit``; the Train workers' placement
+        # group is then freed only by Ray Train's cleaner actor. A trial at its last epoch
+        # ends by itself, cleanly.
+        stop_last_trials=False,
     )
 
 
@@ -142,7 +147,8 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
 
     from tntsearch.train import make_trainer
 
-    params = {k: v for k, v in config.items()}
+    tic = time.perf_counter()
+    params = dict(config)
     baseline = next((name for name, point in baselines.items() if point == params), "")
     record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan")}
     try:
@@ -154,10 +160,12 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
     record.update(arch=arch.to_dict(), params=count_params(arch), macs=count_macs(arch))
     constraints = constraint_values(spec, params=record["params"], macs=record["macs"])
     if any(v > 0 for v in constraints.values()):
+        record["cost_time_s"] = time.perf_counter() - tic
         _report_infeasible(spec, record, constraints)
         return
     record["throughput"] = _measure_on_trial_device(arch, spec)
     constraints = constraint_values(spec, params=record["params"], macs=record["macs"], throughput=record["throughput"])
+    record["cost_time_s"] = time.perf_counter() - tic  # costing + constraint checks, per trial
     if any(v > 0 for v in constraints.values()):
         _report_infeasible(spec, record, constraints)
         return
@@ -183,9 +191,10 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
     storage: finished trials keep their results, unfinished ones continue from their
     checkpoints and the searcher keeps its history."""
     trainable = tune.with_parameters(run_trial, spec=spec, baselines=dict(baseline_points(spec)))
-    # NOTE: a trial's driver only waits on its Train workers, which hold the resources;
-    # a whole CPU for it would halve the concurrent trials on a small machine (Ray refuses 0).
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    # NOTE: a trial's driver only waits on its Train workers, which hold the resources. Even
+    # a sliver of CPU per driver leaves a 2-CPU machine 1.98 CPUs: one 1-CPU worker at a
+    # time. Ray refuses an empty request, so the driver asks for one byte of memory.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
     if resume:
         return tune.Tuner.restore(
             experiment_path(spec), trainable=trainable, resume_unfinished=True, restart_errored=False

@@ -88,8 +88,8 @@ logger = logging.getLogger(__name__)
 TELEMETRY_ENV: dict[str, str] = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 # What a feasible trial reports once per epoch (step = epoch) and what every result carries.
-EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s")
-COST_METRICS = ("params", "macs", "throughput", "feasible", "violation")
+EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
+COST_METRICS = ("params", "macs", "throughput", "feasible", "violation", "cost_time_s")
 STATUSES = ("running", "completed", "stopped_early", "infeasible", "failed")
 _ON_FRONT_STATUSES = ("completed", "stopped_early")
 

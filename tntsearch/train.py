@@ -61,7 +61,7 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # What every epoch reports; ``extra_metrics`` may not reuse these names.
-TRAIN_METRICS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s")
+TRAIN_METRICS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 # DeiT's warm-up start (``--warmup-lr 1e-6``), reached linearly from here to the peak lr.
 _WARMUP_LR_INIT = 1e-6
 # Processes that MLflow may start on workers must not try to reach the internet.
@@ -325,7 +325,7 @@ def fit(
         except torch.OutOfMemoryError as e:
             raise _oom(e, arch, data, world, device, f"validation (epoch {epoch})") from e
         total_loss, total_seen = _all_reduce([loss_sum.item(), seen], "sum", device)
-        (max_elapsed,) = _all_reduce([elapsed], "max", device)
+        max_elapsed, epoch_time = _all_reduce([elapsed, time.perf_counter() - tic], "max", device)
         metrics = {
             **extra,
             "epoch": epoch,
@@ -335,6 +335,7 @@ def fit(
             "val_top5": val_top5,
             "lr": lr,
             "images_per_s": total_seen / max_elapsed,
+            "epoch_time_s": epoch_time,  # training + validation, slowest rank
         }
         history.append(metrics)
         if report is not None:
@@ -371,7 +372,8 @@ def _ray_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train loop: ``config`` holds ``arch``, ``data``, ``train`` (plain dicts),
-    ``extra_metrics`` and ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``."""
+    ``extra_metrics`` and ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``.
+    Every report also carries ``node_id``, the Ray node this worker runs on."""
     arch = TNTConfig.from_dict(config["arch"])
     data = DataSpec.model_validate(config["data"])
     recipe = TrainSpec.model_validate(config["train"])
@@ -381,6 +383,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    # NOTE: the Ray node that trains (rank 0's reaches Tune's results): every node of a
+    # one-machine cluster has the same ``node_ip``; the node id tells them apart.
+    extra = {**extra, "node_id": ray.get_runtime_context().get_node_id()}
     start_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -1,0 +1,141 @@
+"""What the search framework costs per trial, next to the training it runs.
+
+Runs the digits demo search (search_spaces/demo.yaml, shortened) in this process with a
+local Ray, then prints, per trained trial and in total:
+
+- wall: the trial's time in Ray Tune (its driver started -> last result);
+- training: the epochs themselves (training + validation, ``epoch_time_s`` summed);
+- overhead = wall - training, split into the cost/constraint check (``cost_time_s``: analytic
+  MACs/params and the measured throughput) and the rest (Ray Train starting its controller
+  and worker processes, building the model and the FFCV loaders, checkpointing);
+- the driver's own work: Optuna's suggestions and MLflow logging (timed callbacks);
+
+and the time to reject an infeasible candidate: analytically (no model built) and in a
+whole Tune trial. Usage: python benchmarks/search_overhead.py [--trials 6] [--epochs 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tntsearch.cost import count_macs, count_params  # noqa: E402
+from tntsearch.search import ConstrainedOptunaSearch, constraint_values  # noqa: E402
+from tntsearch.space import arch_from_params, baseline_points  # noqa: E402
+from tntsearch.spec import load_spec  # noqa: E402
+from tntsearch.tracking import MlflowTracker  # noqa: E402
+
+
+TOTALS: dict[str, float] = {}
+
+
+def _timed(cls, methods):
+    """A subclass of ``cls`` that adds the wall time of ``methods`` to ``TOTALS[cls name]``."""
+    def wrap(orig):
+        def timed(self, *args, **kwargs):
+            tic = time.perf_counter()
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                TOTALS[cls.__name__] = TOTALS.get(cls.__name__, 0.0) + time.perf_counter() - tic
+        return timed
+
+    return type(cls.__name__, (cls,), {name: wrap(getattr(cls, name)) for name in methods})
+
+
+def _rejection_times(spec) -> tuple[float, float]:
+    """Median seconds to cost and reject an infeasible point without building a model."""
+    name, point = baseline_points(spec)[1]
+    samples = []
+    for _ in range(200):
+        tic = time.perf_counter()
+        arch = arch_from_params(point, spec.space)
+        values = constraint_values(spec, params=count_params(arch), macs=count_macs(arch))
+        samples.append(time.perf_counter() - tic)
+    assert any(v > 0 for v in values.values()), f"{name} should be infeasible in this benchmark"
+    return statistics.median(samples), max(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=4)
+    args = ap.parse_args()
+
+    import ray
+
+    import tntsearch.run as run
+    import tntsearch.search as search
+    import tntsearch.tracking as tracking
+
+    work = Path(tempfile.mkdtemp(prefix="tntsearch-overhead-"))
+    raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
+    data = ROOT / "data"
+    if not (data / "digits_train.beton").exists():
+        sys.exit("run `make demo` (or the two `tntsearch.data convert digits` commands) first")
+    raw["data"].update(train=str(data / "digits_train.beton"), val=str(data / "digits_val.beton"))
+    raw["train"]["epochs"] = args.epochs
+    raw["search"].update(num_samples=args.trials, scheduler={"type": "none"})
+    raw["constraints"]["max_macs"] = 3.0e6  # makes the tiny_tnt baseline infeasible
+    spec_path = work / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(spec_path, base_dir=work)
+
+    analytic, analytic_max = _rejection_times(spec)
+
+    # Time the driver-side work by timing the callbacks' and searcher's methods.
+    search.ConstrainedOptunaSearch = _timed(ConstrainedOptunaSearch, ["suggest", "on_trial_complete", "save"])
+    tracking.MlflowTracker = _timed(MlflowTracker, ["setup", "on_trial_result", "on_trial_complete", "on_trial_error",
+                                                    "on_step_end", "on_experiment_end"])
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    os.chdir(work)
+    tic = time.perf_counter()
+    outcome = run.search(spec, spec_path, progress_interval=1e9)
+    search_wall = time.perf_counter() - tic
+    ray.shutdown()
+
+    import mlflow
+
+    client = mlflow.MlflowClient(outcome.tracking_uri)
+    trained, infeasible = [], []
+    for row in outcome.rows:
+        m = client.get_run(row["run_id"]).data.metrics
+        if row["status"] == "infeasible":
+            infeasible.append(m["time_total_s"])
+            continue
+        if row["status"] not in ("completed", "stopped_early"):
+            continue
+        epochs = client.get_metric_history(row["run_id"], "epoch_time_s")
+        training = sum(e.value for e in epochs)
+        trained.append((row["trial_id"], m["time_total_s"], training, m.get("cost_time_s", 0.0), len(epochs)))
+
+    print(f"\nsearch_overhead: {args.trials} trials x {args.epochs} epochs on digits (demo space), 2 CPUs")
+    print(f"{'trial':<10}{'wall s':>8}{'train s':>9}{'cost s':>8}{'other s':>9}{'overhead':>10}")
+    for tid, wall, training, cost, _ in trained:
+        print(f"{tid:<10}{wall:8.1f}{training:9.1f}{cost:8.2f}{wall - training - cost:9.1f}{(wall - training) / wall:10.1%}")
+    wall = sum(t[1] for t in trained)
+    training = sum(t[2] for t in trained)
+    cost = sum(t[3] for t in trained)
+    driver = sum(TOTALS.values())
+    print(f"\nper trained trial (mean of {len(trained)}): wall {wall / len(trained):.1f} s, training {training / len(trained):.1f} s")
+    print(f"framework overhead / trial wall time: {(wall - training) / wall:.1%}"
+          f"  (cost+constraint check {cost / wall:.1%}, Ray Train start-up + model/loader build {(wall - training - cost) / wall:.1%})")
+    print(f"driver work (Optuna + MLflow callbacks): {driver:.1f} s over the search = {driver / search_wall:.1%} of its {search_wall:.0f} s"
+          f" [{', '.join(f'{k} {v:.1f} s' for k, v in TOTALS.items())}]")
+    print(f"reject an infeasible candidate, analytic (no model built): median {analytic * 1e3:.3f} ms, max {analytic_max * 1e3:.3f} ms")
+    if infeasible:
+        print(f"reject an infeasible candidate, whole Tune trial: {statistics.median(infeasible):.2f} s (median of {len(infeasible)})")
+
+
+if __name__ == "__main__":
+    main()
