@@ -1,4 +1,4 @@
-"""Shared fixtures: one Ray per test session, the digits data set written once."""
+"""Shared fixtures: the digits data set, written once per session."""
 from __future__ import annotations
 
 import os
@@ -6,19 +6,6 @@ import os
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray for the whole session (starting one costs ~5 s); reuses a running one."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
