@@ -113,7 +113,9 @@ class Constraints(_Strict):
 
 
 class Scheduler(_Strict):
-    type: Literal["asha", "none"] = "asha"
+    """Early stopping. ``none`` by default: see the README on ASHA's known defect."""
+
+    type: Literal["asha", "none"] = "none"
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: float = Field(default=2.0, gt=1)
 
