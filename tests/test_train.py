@@ -13,7 +13,6 @@ import ray
 import torch
 from ray.util.queue import Queue
 
-from tntsearch.data import convert
 from tntsearch.model import get_config
 from tntsearch.spec import SearchSpec
 from tntsearch.train import (
@@ -66,14 +65,6 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    convert("digits", out / "train.beton", split="train", num_workers=1)
-    convert("digits", out / "val.beton", split="val", num_workers=1)
-    return out
 
 
 def _fit_collecting(trainer, queue) -> tuple[object, list[dict]]:

@@ -40,6 +40,7 @@ from tntsearch.tracking import (  # first: disables MLflow telemetry before MLfl
     TAG_ROLE,
     TELEMETRY_ENV,
     arch_params,
+    env_defaults,
     front_rows,
     resolve_tracking_uri,
 )
@@ -556,18 +557,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> T
 
 
 @contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    """Set environment variables for a block (ones the user set are kept)."""
-    changed = {k: v for k, v in values.items() if k not in os.environ}
-    os.environ.update(changed)
-    try:
-        yield
-    finally:
-        for k in changed:
-            os.environ.pop(k, None)
-
-
-@contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     import mlflow
 
@@ -676,7 +665,7 @@ def _spec_for(client: Any, parent_run_id: str, spec_path: str | os.PathLike | No
 
     if spec_path is not None:
         return load_spec(spec_path)
-    with tempfile.TemporaryDirectory(prefix="tntsearch-spec-") as d, _env(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+    with tempfile.TemporaryDirectory(prefix="tntsearch-spec-") as d, env_defaults(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
         try:
             local = client.download_artifacts(parent_run_id, "spec/spec.json", d)
         except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing artifact

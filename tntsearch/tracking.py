@@ -79,6 +79,7 @@ __all__ = [
     "RecordReplayer",
     "search_children",
     "fail_fast_http",
+    "env_defaults",
     "read_fallback",
     "MlflowTracker",
 ]
@@ -238,21 +239,22 @@ def _is_transient(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def fail_fast_http(timeout_s: int) -> Iterator[None]:
-    """Make MLflow's HTTP client fail within ``timeout_s`` instead of retrying for minutes
-    (its defaults: 7 retries, backoff factor 2, 120 s timeout): the tracker has its own
-    retry loop and must not stall the Tune driver. Variables the user set are kept."""
-    wanted = {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s)),
-    }
-    changed = {k: v for k, v in wanted.items() if k not in os.environ}
+def env_defaults(**values: str) -> Iterator[None]:
+    """Set environment variables for a block; ones the user set are kept."""
+    changed = {k: v for k, v in values.items() if k not in os.environ}
     os.environ.update(changed)
     try:
         yield
     finally:
         for k in changed:
             os.environ.pop(k, None)
+
+
+def fail_fast_http(timeout_s: int) -> contextlib.AbstractContextManager[None]:
+    """Make MLflow's HTTP client fail within ``timeout_s`` instead of retrying for minutes
+    (its defaults: 7 retries, backoff factor 2, 120 s timeout): the tracker has its own
+    retry loop and must not stall the Tune driver. Variables the user set are kept."""
+    return env_defaults(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(timeout_s)))
 
 
 # ---------------------------------------------------------------------------------------
