@@ -38,7 +38,9 @@ def _spec(tmp_path: Path, digits: Path) -> Path:
 
 
 def _run(spec: Path, cwd: Path, *extra: str, interrupt_after: str | None = None) -> tuple[int, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # NOTE: mlflow.set_tracking_uri (here and in other test modules) exports
+    # MLFLOW_TRACKING_URI, which the CLI honours; this search must use its own store.
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tntsearch.run", str(spec), "--progress-interval", "5", *extra],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
