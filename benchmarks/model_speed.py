@@ -1,11 +1,15 @@
 """tntsearch TNT-S against timm's ``tnt_s_patch16_224``, side by side in one process.
 
 Both models carry the same weights (``from_timm``), see the same batch, run float32 on the
-same device, and are timed interleaved (A B A B ...) so drifts in machine load hit both;
-each side's figure is the median over rounds. Prints images/s and the ratio
-tntsearch / timm for inference and for one training step (forward, loss, backward, AdamW).
+same device, and are timed interleaved (A B A B ...) so drifts in machine load hit both.
+Prints the median images/s over rounds and the median over rounds of the paired ratio
+tntsearch / timm, for inference and for one training step (forward, loss, backward, AdamW),
+by the wall clock and by the process's CPU time (images per CPU-second: on a CPU shared
+with other jobs, time spent waiting for a core does not count, so with ``--threads 1``
+this ratio varies less than the wall-clock one; caches and memory bandwidth stay shared).
 
     python benchmarks/model_speed.py --batch-size 8 --repeats 5
+    python benchmarks/model_speed.py --threads 1   # CPU-time ratio, steadier on a busy machine
     python benchmarks/model_speed.py --ablations   # also the variants in docs/model_and_cost.md
     python benchmarks/model_speed.py --compile     # also torch.compile(tntsearch)
 """
@@ -13,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
+import time
 import types
 
 import timm
@@ -93,12 +99,30 @@ def compare(batch_size: int = 8, repeats: int = 5, warmup: int = 1, device: str 
         for name, step in steps.items():
             for _ in range(warmup + (2 if name == "torch.compile" else 0)):
                 step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(repeats):
-            for name, step in steps.items():  # interleaved: A B C A B C ...
-                times[name].append(time_step(step, device))
-        rows.append({"mode": mode, **{name: batch_size / statistics.median(ts) for name, ts in times.items()}})
+        wall: dict[str, list[float]] = {name: [] for name in steps}
+        cpu: dict[str, list[float]] = {name: [] for name in steps}
+        names = list(steps)
+        for r in range(repeats):
+            # interleaved and rotated (A B C, B C A, C A B, ...): load drifts and order effects hit all alike
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                start = time.process_time()
+                wall[name].append(time_step(steps[name], device))
+                cpu[name].append(time.process_time() - start)
+        rows.append({"mode": mode, **{name: _summary(batch_size, wall[name], cpu[name], wall["timm"], cpu["timm"])
+                                      for name in names}})
     return rows
+
+
+def _summary(batch_size: int, wall: list[float], cpu: list[float], ref_wall: list[float],
+             ref_cpu: list[float]) -> dict[str, float]:
+    """Median images/s, and the median over rounds of the paired ratio (timm time / this time):
+    the two runs of a round are back to back, so a load change between rounds cancels out."""
+    return {
+        "img_s": batch_size / statistics.median(wall),
+        "ratio": statistics.median(r / t for r, t in zip(ref_wall, wall)),
+        "img_cpu_s": batch_size / statistics.median(cpu),
+        "cpu_ratio": statistics.median(r / t for r, t in zip(ref_cpu, cpu)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,15 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     parser.add_argument("--ablations", action="store_true", help="also time tntsearch with each speed-up undone")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(tntsearch)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice); with 1, CPU time measures the work alone")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}, float32, median of {args.repeats}")
+          f"threads {torch.get_num_threads()}, batch {args.batch_size}, float32, {args.repeats} rounds, "
+          f"load average {os.getloadavg()[0]:.2f}")
     for row in compare(args.batch_size, args.repeats, args.warmup, args.device, tuple(args.modes),
                        args.ablations, args.compile):
-        print(f"{row['mode']}:")
-        for name, value in row.items():
+        print(f"{row['mode']:22s}   img/s  ratio to timm   img/CPU-s  ratio to timm")
+        for name, v in row.items():
             if name != "mode":
-                print(f"  {name:20s} {value:8.2f} img/s   ratio to timm {value / row['timm']:.3f}")
+                print(f"  {name:20s} {v['img_s']:7.2f}  {v['ratio']:13.3f}   {v['img_cpu_s']:9.2f}  {v['cpu_ratio']:13.3f}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 
 

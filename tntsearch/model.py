@@ -76,7 +76,7 @@ def _allowed_words(patch_size: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class TNTConfig:
-    """Architecture of one TNT/DeiT model; the paper's symbols in brackets (Sec. 2, Table 1).
+    """Architecture of one TNT/DeiT model; the paper's symbols in comments (Sec. 2, Table 1).
 
     Defaults are TNT-S at 224 x 224. ``tnt_blocks`` holds the 1-based indices of the blocks
     that are TNT blocks (the rest are vanilla ViT blocks, Table 5); any iterable is
@@ -98,7 +98,7 @@ class TNTConfig:
     inner_mlp_ratio: float = 4.0
     se: str = "none"
     se_ratio: float = 0.25
-    tnt_blocks: Any = None  # normalised to tuple[int, ...]
+    tnt_blocks: tuple[int, ...] | Iterable[int] | str | None = None  # normalised to tuple[int, ...]
     drop_path: float = 0.1
     num_classes: int = 1000
 
