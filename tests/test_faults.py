@@ -236,6 +236,7 @@ def test_records_made_while_mlflow_was_down_arrive_when_it_is_back(faulted):
     assert "unreachable" in faulted["out"]  # the tracker noticed the outage ...
     assert inj.fallback_seen  # ... kept the undelivered records on disk meanwhile ...
     assert not list(faulted["cwd"].glob("mlflow-pending-*.jsonl"))  # ... and delivered them all
+    assert "reachable again; all records delivered" in faulted["out"]
     client = mlflow.MlflowClient(faulted["server"].url)
     made_while_down = []
     for c in _children(faulted)[1]:
