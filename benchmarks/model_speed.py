@@ -36,15 +36,16 @@ __all__ = ["contenders", "compare", "main"]
 
 # --- ablations: tntsearch with one speed-up undone at a time -------------------------------
 
-def _unfused(model: TNT, which: str) -> TNT:
-    """Manual softmax attention (timm's TNT way) in the inner ('inner') or every ('all') block."""
+def _attention(model: TNT, which: str, fused: bool) -> TNT:
+    """Force fused SDPA on or off in the inner ('inner') or every ('all') attention of a model
+    already on its device (a move to another kind of device would pick again)."""
     for blk in model.blocks:
         if isinstance(blk, TNTBlock):
-            blk.inner.attn.fused_attn = False
+            blk.inner.attn.fused_attn = fused
             if which == "all":
-                blk.outer.attn.fused_attn = False
+                blk.outer.attn.fused_attn = fused
         elif isinstance(blk, Block) and which == "all":
-            blk.attn.fused_attn = False
+            blk.attn.fused_attn = fused
     return model
 
 
@@ -73,13 +74,16 @@ def _timm_layout(model: TNT) -> TNT:
     return model
 
 
-def contenders(reference: nn.Module, ablations: bool = False, compile_model: bool = False) -> dict[str, nn.Module]:
+def contenders(reference: nn.Module, device: str = "cpu", ablations: bool = False,
+               compile_model: bool = False) -> dict[str, nn.Module]:
     """timm, tntsearch, and optionally tntsearch variants, all with the same weights."""
-    ours = from_timm(reference)
+    ours = from_timm(reference).to(device)
     out = {"timm": copy.deepcopy(reference), "tntsearch": copy.deepcopy(ours)}
     if ablations:
-        out["unfused inner attn"] = _unfused(copy.deepcopy(ours), "inner")
-        out["unfused all attn"] = _unfused(copy.deepcopy(ours), "all")
+        # tntsearch picks per device (TNT._pick_attention); the variants force the other kernel
+        fused = ours.head.weight.device.type != "cpu"
+        out[f"{'un' if fused else ''}fused inner attn"] = _attention(copy.deepcopy(ours), "inner", not fused)
+        out[f"{'un' if fused else ''}fused all attn"] = _attention(copy.deepcopy(ours), "all", not fused)
         out["timm reshapes"] = _timm_layout(copy.deepcopy(ours))
     if compile_model:
         out["torch.compile"] = torch.compile(copy.deepcopy(ours))
@@ -94,7 +98,7 @@ def compare(batch_size: int = 8, repeats: int = 5, warmup: int = 1, device: str 
     reference = timm.create_model(model_name, pretrained=False)
     rows = []
     for mode in modes:
-        models = contenders(reference, ablations, compile_model)
+        models = contenders(reference, device, ablations, compile_model)
         steps = {name: make_step(m, device, batch_size, 224, mode) for name, m in models.items()}
         for name, step in steps.items():
             for _ in range(warmup + (2 if name == "torch.compile" else 0)):

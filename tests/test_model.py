@@ -114,6 +114,29 @@ def test_block_kinds_follow_tnt_blocks():
     assert model.blocks[1].proj.in_features == 4 * 12
 
 
+def _fused_flags(model) -> set[bool]:
+    return {m.fused_attn for m in model.modules() if isinstance(m, timm.layers.Attention)}
+
+
+def test_attention_kernel_follows_device():
+    """CPU runs matmul-softmax-matmul, other devices fused SDPA; both give the same logits."""
+    torch.manual_seed(0)
+    model = create_model(_tiny(tnt_blocks=[1, 3])).eval()
+    assert _fused_flags(model) == {False}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        math_out = model(x)
+        model.blocks[0].inner.attn.fused_attn = True  # by hand: kept by a move to the same kind
+        model.to("cpu", torch.float32)
+        assert model.blocks[0].inner.attn.fused_attn and model.blocks[0].outer.attn.fused_attn is False
+        for m in model.modules():
+            if isinstance(m, timm.layers.Attention):
+                m.fused_attn = True
+        torch.testing.assert_close(model(x), math_out, atol=1e-5, rtol=1e-5)
+    assert _fused_flags(model.to("meta")) == {True}
+    assert _fused_flags(model.to_empty(device="cpu")) == {False}
+
+
 def test_vanilla_model_builds_no_word_stem():
     model = create_model(_tiny(tnt_blocks=[]))
     names = {n for n, _ in model.named_parameters()}

@@ -7,7 +7,7 @@ reference implementation: timm ``timm/models/tnt.py``.
 One model family covers everything the search proposes: TNT blocks and vanilla (ViT/DeiT)
 blocks mixed at any indices (paper Table 5), any number of visual words ``m`` and word
 dim ``c``, and the SE module of appendix A.2 on sentences, words or both. The layers are
-timm's (fused-SDPA ``Attention``, ``Mlp``, ``DropPath``, ``PatchEmbed``); ``from_timm``
+timm's (``Attention``, ``Mlp``, ``DropPath``, ``PatchEmbed``); ``from_timm``
 converts timm's ``tnt_s_patch16_224`` / ``tnt_b_patch16_224`` weights (its
 ``checkpoint_filter_fn`` counterpart is :func:`checkpoint_filter_fn`).
 """
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (
+    Attention, DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, trunc_normal_, use_fused_attn,
+)
 
 __all__ = [
     "SE_MODES",
@@ -364,6 +366,25 @@ class TNT(nn.Module):
         if cfg.tnt_blocks:
             trunc_normal_(self.word_pos, std=0.02)
         self.apply(_init_weights)
+        self._attn_device: str | None = None
+        self._pick_attention(self.head.weight.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``cpu`` end here: a move to another kind of device re-picks the attention kernel."""
+        super()._apply(fn, recurse)
+        self._pick_attention(self.head.weight.device)
+        return self
+
+    def _pick_attention(self, device: torch.device) -> None:
+        """Fused SDPA on accelerators, timm's matmul-softmax-matmul on CPU, where torch 2.14's
+        fused kernel is 4-10% slower at TNT's sizes (``benchmarks/model_speed.py``). Only a
+        change of device type re-picks, so a choice set by hand on ``fused_attn`` stays."""
+        if device.type == self._attn_device:
+            return
+        self._attn_device = device.type
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_attn = device.type != "cpu" and use_fused_attn()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
