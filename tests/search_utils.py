@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,16 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def demo_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, epochs: int, max_concurrent: int = 2,
-              tracking_uri: str | None = None, **search: Any) -> Path:
+              tracking_uri: str | None = None, constraints: dict[str, Any] | None = None, **search: Any) -> Path:
     """The demo spec over the session's digits files, shrunk: ``num_samples`` trials of
     ``epochs`` epochs, no early stopping, no throughput constraint (a loaded 2-core machine
-    measures anything), MLflow experiment ``name``. ``search`` updates the search section."""
+    measures anything) unless ``constraints`` says otherwise, MLflow experiment ``name``.
+    ``search`` updates the search section."""
     raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
     raw["name"] = name
     raw["data"].update(train=str(digits / "train.beton"), val=str(digits / "val.beton"))
     raw["train"].update(epochs=epochs, warmup_epochs=min(1, epochs - 1))
     raw["search"].update(num_samples=num_samples, max_concurrent=max_concurrent, scheduler={"type": "none"}, **search)
     raw["constraints"]["min_throughput"] = None
+    raw["constraints"].update(constraints or {})
     raw["mlflow"]["experiment"] = name
     if tracking_uri:
         raw["mlflow"]["tracking_uri"] = tracking_uri
@@ -51,13 +54,19 @@ def demo_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, epoch
 
 
 def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None,
-            on_line: Callable[[str], None] | None = None, timeout: float = 600) -> tuple[int, str]:
-    """Run the search CLI to its end; ``on_line`` sees every output line as it comes.
+            on_line: Callable[[str], None] | None = None, interrupt_after: str | None = None,
+            timeout: float = 600) -> tuple[int, str]:
+    """Run the search CLI to its end; ``on_line`` sees every output line as it comes, and
+    the first line containing ``interrupt_after`` sends the CLI a SIGINT (Ctrl-C).
     Returns the exit code and the whole output (stdout and stderr together)."""
+    env = dict(env or os.environ)
+    # NOTE: mlflow.set_tracking_uri (in this process, other tests) exports MLFLOW_TRACKING_URI,
+    # which the CLI honours; a search must log where its spec says.
+    env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tntsearch.run", str(spec), "--progress-interval", "5", *args],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-        env={**(env or os.environ), "PYTHONUNBUFFERED": "1"},
+        env={**env, "PYTHONUNBUFFERED": "1"},
     )
     out = []
     deadline = time.monotonic() + timeout
@@ -65,6 +74,9 @@ def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
         out.append(line)
         if on_line is not None:
             on_line(line)
+        if interrupt_after is not None and interrupt_after in line:
+            proc.send_signal(signal.SIGINT)
+            interrupt_after = None
         if time.monotonic() > deadline:
             proc.kill()
             out.append(f"[killed after {timeout:.0f} s]\n")

@@ -1,79 +1,46 @@
 """The demo search end to end through the real CLI: a real local Ray, Optuna, Ray Train,
-FFCV and MLflow; interrupted with SIGINT and resumed."""
+FFCV and MLflow; interrupted with SIGINT and resumed. And trials stopped early by Tune."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import yaml
+import ray
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.util.placement_group import placement_group_table
+from search_utils import demo_spec, mlflow_runs, run_cli
 
 from tntsearch.pareto import pareto_mask, to_minimisation
+from tntsearch.search import make_tuner
+from tntsearch.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 NUM_SAMPLES = 5
 EPOCHS = 2
 
 pytestmark = pytest.mark.slow
 
 
-def _spec(tmp_path: Path, digits: Path) -> Path:
-    raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
-    raw["name"] = "e2e"
-    raw["data"].update(train=str(digits / "train.beton"), val=str(digits / "val.beton"))
-    raw["train"].update(epochs=EPOCHS, warmup_epochs=1)
-    raw["search"].update(num_samples=NUM_SAMPLES, max_concurrent=2, scheduler={"type": "none"})
-    # tiny_tnt (4.1 M MACs) is over this limit: a baseline that must never train.
-    raw["constraints"]["max_macs"] = 3.0e6
-    raw["mlflow"]["experiment"] = "e2e"
-    path = tmp_path / "e2e.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _run(spec: Path, cwd: Path, *extra: str, interrupt_after: str | None = None) -> tuple[int, str]:
-    # NOTE: mlflow.set_tracking_uri (here and in other test modules) exports
-    # MLFLOW_TRACKING_URI, which the CLI honours; this search must use its own store.
-    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tntsearch.run", str(spec), "--progress-interval", "5", *extra],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    out = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        out.append(line)
-        if interrupt_after and line.startswith("trial ") and interrupt_after in line:
-            proc.send_signal(signal.SIGINT)
-            interrupt_after = None
-        if time.monotonic() > deadline:
-            proc.kill()
-            break
-    return proc.wait(timeout=120), "".join(out)
-
-
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, digits):
-    """Run until the first trial finishes, interrupt, then resume to the end."""
+    """Run until the first trial finishes, interrupt, then resume to the end. tiny_tnt
+    (4.1 M MACs) is over this spec's limit: a baseline that must never train."""
     cwd = tmp_path_factory.mktemp("search")
-    spec = _spec(cwd, digits)
-    rc1, out1 = _run(spec, cwd, interrupt_after=": completed")
-    rc2, out2 = _run(spec, cwd, "--resume")
+    spec = demo_spec(cwd, digits, "e2e", num_samples=NUM_SAMPLES, epochs=EPOCHS,
+                     constraints={"max_macs": 3.0e6, "min_throughput": 250})
+    rc1, out1 = run_cli(spec, cwd, interrupt_after=": completed")
+    rc2, out2 = run_cli(spec, cwd, "--resume")
     return {"cwd": cwd, "spec": spec, "first": (rc1, out1), "resumed": (rc2, out2)}
 
 
+def _store(cwd: Path) -> str:
+    return f"sqlite:///{cwd / 'mlflow.db'}"
+
+
 def _children(cwd: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
+    return mlflow_runs(_store(cwd), "e2e")
 
 
 def test_interrupt_exits_130_and_resume_finishes(searched):
@@ -105,7 +72,7 @@ def test_infeasible_trials_trained_zero_steps(searched):
     infeasible = [c for c in children if c.data.tags["status"] == "infeasible"]
     assert any(c.data.tags.get("baseline") == "tiny_tnt" for c in infeasible)
     train_dir = Path(searched["cwd"]) / "ray_results" / "e2e" / "train"
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(_store(searched["cwd"]))
     for c in infeasible:
         assert c.data.metrics["macs"] > 3.0e6 or c.data.metrics.get("constraint_min_throughput", 0) > 0
         assert "val_top1" not in c.data.metrics and "train_loss" not in c.data.metrics
@@ -125,3 +92,31 @@ def test_front_is_non_dominated_and_feasible(searched):
     expected = {r.info.run_id for r, keep in zip(trained, pareto_mask(points(trained))) if keep}
     assert expected == {r.info.run_id for r in front}
     assert all(c.data.metrics["macs"] <= 3.0e6 for c in front)
+
+
+class StopAfterFirstEpoch(FIFOScheduler):
+    """ASHA's decision for a trial below its rung, taken for every trial after epoch 1."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        return TrialScheduler.STOP if result.get("epoch", 0) >= 1 else TrialScheduler.CONTINUE
+
+
+def test_stopped_trials_hand_back_their_workers(tmp_path, digits):
+    """Tune stops a trial by ending its driver in the middle of the Ray Train run. The run's
+    worker must give its CPU back (Ray Train's placement-group cleaner), or on 2 CPUs the
+    third trial would wait forever -- the way early stopping (ASHA) hung a small search."""
+    spec = load_spec(demo_spec(tmp_path, digits, "stops", num_samples=4, epochs=3, constraints={"max_macs": 1e9}))
+    spec = spec.model_copy(update={"storage": str(tmp_path / "ray_results")})
+    ray.init(num_cpus=2)
+    try:
+        results = make_tuner(spec, scheduler=StopAfterFirstEpoch()).fit()
+        assert not results.errors
+        epochs = sorted(r.metrics["epoch"] for r in results)
+        assert epochs == [1, 1, 1, 1], epochs  # every trial trained, each stopped after epoch 1
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 2
+        assert {pg["state"] for pg in placement_group_table().values()} <= {"REMOVED"}
+    finally:
+        ray.shutdown()

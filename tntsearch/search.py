@@ -90,9 +90,9 @@ def make_scheduler(spec: SearchSpec):
         max_t=spec.train.epochs,
         grace_period=min(s.grace_period, spec.train.epochs),
         reduction_factor=s.reduction_factor,
-        # NOTE: stopping a trial kills its driver mid-``fit``; the Train workers' placement
-        # group is then freed only by Ray Train's cleaner actor. A trial at its last epoch
-        # ends by itself, cleanly.
+        # NOTE: stopping a trial ends its driver mid-``fit``; the Train workers' placement
+        # group is then freed by Ray Train's cleaner actor, within seconds. A trial at its
+        # last epoch ends by itself, cleanly.
         stop_last_trials=False,
     )
 
@@ -186,10 +186,11 @@ def experiment_path(spec: SearchSpec) -> str:
     return os.path.join(spec.storage, spec.name)
 
 
-def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool = False) -> tune.Tuner:
+def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool = False,
+               scheduler: tune.schedulers.TrialScheduler | None = None) -> tune.Tuner:
     """A new Tuner for the spec, or, with ``resume``, the interrupted one restored from
     storage: finished trials keep their results, unfinished ones continue from their
-    checkpoints and the searcher keeps its history."""
+    checkpoints and the searcher keeps its history. ``scheduler`` replaces the spec's."""
     trainable = tune.with_parameters(run_trial, spec=spec, baselines=dict(baseline_points(spec)))
     # NOTE: a trial's driver only waits on its Train workers, which hold the resources. Even
     # a sliver of CPU per driver leaves a 2-CPU machine 1.98 CPUs: one 1-CPU worker at a
@@ -203,7 +204,7 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(spec),
-            scheduler=make_scheduler(spec),
+            scheduler=scheduler or make_scheduler(spec),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent,
         ),

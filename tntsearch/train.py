@@ -61,6 +61,7 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # What every epoch reports; ``extra_metrics`` may not reuse these names.
+REPORT_POLL_INTERVAL_S = "0.2"  # how often Ray Train collects the workers' reports (see make_trainer)
 TRAIN_METRICS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 # DeiT's warm-up start (``--warmup-lr 1e-6``), reached linearly from here to the peak lr.
 _WARMUP_LR_INIT = 1e-6
@@ -438,6 +439,11 @@ def make_trainer(
     clash = sorted(set(config["extra_metrics"]) & set(TRAIN_METRICS))
     if clash:
         raise ValueError(f"extra_metrics may not use the training metric names {clash}")
+    # NOTE: Ray Train's controller collects reports when it polls its workers, every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker blocks on its second
+    # unpolled report: epochs shorter than the interval waited for it (the demo's 0.9 s epochs
+    # took 2.1 s). ``fit`` hands this process's value to the controller; a user's value wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
