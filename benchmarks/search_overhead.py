@@ -10,14 +10,22 @@ local Ray, then prints, per trained trial and in total:
   and worker processes, building the model and the FFCV loaders, checkpointing);
 - the driver's own work: Optuna's suggestions and MLflow logging (timed callbacks);
 
+- the same training outside the framework: ``tntsearch.train.fit`` on the first trained
+  architecture in a fresh Python process with one thread (what a Train worker gets), timed
+  from process start to exit -- interpreter, imports, model, FFCV loaders and JIT included.
+  What the search adds to a trial is its wall time minus this;
+
 and the time to reject an infeasible candidate: analytically (no model built) and in a
-whole Tune trial. Usage: python benchmarks/search_overhead.py [--trials 6] [--epochs 4]
+whole Tune trial. Trials run one at a time, so they do not compete for the 2 cores.
+Usage: python benchmarks/search_overhead.py [--trials 10] [--epochs 15]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,10 +73,25 @@ def _rejection_times(spec) -> tuple[float, float]:
     return statistics.median(samples), max(samples)
 
 
+def _standalone_fit(spec_path: Path, arch: dict, work: Path) -> float:
+    """Seconds from starting a Python process to its exit, for ``fit`` of ``arch`` with the
+    spec's data and recipe on one thread (a Train worker's ``cpus_per_worker``)."""
+    (work / "arch.json").write_text(json.dumps(arch))
+    code = (
+        "import json, sys; from tntsearch.model import TNTConfig; from tntsearch.spec import load_spec; "
+        "from tntsearch.train import fit; spec = load_spec(sys.argv[1]); "
+        "fit(TNTConfig.from_dict(json.load(open(sys.argv[2]))), spec.data, spec.train)"
+    )
+    tic = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, str(spec_path), str(work / "arch.json")], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - tic
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=15, help="the demo's 15 by default")
     args = ap.parse_args()
 
     import ray
@@ -84,7 +107,7 @@ def main() -> None:
         sys.exit("run `make demo` (or the two `tntsearch.data convert digits` commands) first")
     raw["data"].update(train=str(data / "digits_train.beton"), val=str(data / "digits_val.beton"))
     raw["train"]["epochs"] = args.epochs
-    raw["search"].update(num_samples=args.trials, scheduler={"type": "none"})
+    raw["search"].update(num_samples=args.trials, max_concurrent=1, scheduler={"type": "none"})
     raw["constraints"]["max_macs"] = 3.0e6  # makes the tiny_tnt baseline infeasible
     spec_path = work / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
@@ -97,7 +120,7 @@ def main() -> None:
     tracking.MlflowTracker = _timed(MlflowTracker, ["setup", "on_trial_result", "on_trial_complete", "on_trial_error",
                                                     "on_step_end", "on_experiment_end"])
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
     os.chdir(work)
     tic = time.perf_counter()
     outcome = run.search(spec, spec_path, progress_interval=1e9)
@@ -117,11 +140,13 @@ def main() -> None:
             continue
         epochs = client.get_metric_history(row["run_id"], "epoch_time_s")
         training = sum(e.value for e in epochs)
-        trained.append((row["trial_id"], m["time_total_s"], training, m.get("cost_time_s", 0.0), len(epochs)))
+        trained.append((row["trial_id"], m["time_total_s"], training, m.get("cost_time_s", 0.0), len(epochs), row["arch"]))
+
+    standalone = _standalone_fit(spec_path, arch=trained[0][5], work=work)
 
     print(f"\nsearch_overhead: {args.trials} trials x {args.epochs} epochs on digits (demo space), 2 CPUs")
     print(f"{'trial':<10}{'wall s':>8}{'train s':>9}{'cost s':>8}{'other s':>9}{'overhead':>10}")
-    for tid, wall, training, cost, _ in trained:
+    for tid, wall, training, cost, *_ in trained:
         print(f"{tid:<10}{wall:8.1f}{training:9.1f}{cost:8.2f}{wall - training - cost:9.1f}{(wall - training) / wall:10.1%}")
     wall = sum(t[1] for t in trained)
     training = sum(t[2] for t in trained)
@@ -132,6 +157,9 @@ def main() -> None:
           f"  (cost+constraint check {cost / wall:.1%}, Ray Train start-up + model/loader build {(wall - training - cost) / wall:.1%})")
     print(f"driver work (Optuna + MLflow callbacks): {driver:.1f} s over the search = {driver / search_wall:.1%} of its {search_wall:.0f} s"
           f" [{', '.join(f'{k} {v:.1f} s' for k, v in TOTALS.items())}]")
+    first_wall = trained[0][1]
+    print(f"outside the framework, trial {trained[0][0]}'s architecture trained by fit() in a fresh process: {standalone:.1f} s;"
+          f" in the search: {first_wall:.1f} s; the search adds {first_wall - standalone:.1f} s = {(first_wall - standalone) / first_wall:.1%} of the trial")
     print(f"reject an infeasible candidate, analytic (no model built): median {analytic * 1e3:.3f} ms, max {analytic_max * 1e3:.3f} ms")
     if infeasible:
         print(f"reject an infeasible candidate, whole Tune trial: {statistics.median(infeasible):.2f} s (median of {len(infeasible)})")

@@ -377,8 +377,9 @@ class TNT(nn.Module):
 
     def _pick_attention(self, device: torch.device) -> None:
         """Fused SDPA on accelerators, timm's matmul-softmax-matmul on CPU, where torch 2.14's
-        fused kernel is 4-10% slower at TNT's sizes (``benchmarks/model_speed.py``). Only a
-        change of device type re-picks, so a choice set by hand on ``fused_attn`` stays."""
+        fused kernel does not pay at TNT's sizes (TNT-S training steps 1-11% slower with it,
+        ``benchmarks/model_speed.py``). Only a change of device type re-picks, so a choice set
+        by hand on ``fused_attn`` stays."""
         if device.type == self._attn_device:
             return
         self._attn_device = device.type

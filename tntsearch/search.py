@@ -207,6 +207,9 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
             scheduler=scheduler or make_scheduler(spec),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent,
+            # A finished trial's driver process (torch and tntsearch imported) runs the next
+            # trial instead of a fresh one starting and importing them again.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
