@@ -200,16 +200,19 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
         return tune.Tuner.restore(
             experiment_path(spec), trainable=trainable, resume_unfinished=True, restart_errored=False
         )
+    scheduler = scheduler or make_scheduler(spec)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(spec),
-            scheduler=scheduler or make_scheduler(spec),
+            scheduler=scheduler,
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent,
             # A finished trial's driver process (torch and tntsearch imported) runs the next
-            # trial instead of a fresh one starting and importing them again.
-            reuse_actors=True,
+            # trial instead of a fresh one starting and importing them again. NOTE: not with
+            # a scheduler that stops trials: a stopped driver is still inside ``fit`` and
+            # Tune's reset of it fails the next trial.
+            reuse_actors=type(scheduler) is tune.schedulers.FIFOScheduler,
         ),
         run_config=tune.RunConfig(
             name=spec.name,
