@@ -221,3 +221,18 @@ def test_pictures_and_interactive_page(tmp_path):
     assert "tnt_blocks: 1,2" in page and "baseline: tiny_vit" in page and "inner_dim: 16" in page
     assert "3 on the Pareto front" in page
     json.dumps(_rows())  # rows are plain JSON-able data
+
+
+def test_front_table_reads_best_first_on_the_first_objective():
+    from tntsearch.report import front_table
+
+    rows = [
+        {"trial_id": "b", "metrics": {"val_top1": 0.91, "macs": 3.0e6}, "arch": {"tnt_blocks": [1, 3]}},
+        {"trial_id": "a", "metrics": {"val_top1": 0.87, "macs": 2.6e6}, "arch": {"tnt_blocks": []}},
+        {"trial_id": "c", "metrics": {"val_top1": 0.93, "macs": 5.1e6}, "arch": {"tnt_blocks": [2]}},
+        {"trial_id": "x", "metrics": {"macs": 1.0e6}, "arch": {}},  # never measured: last
+    ]
+    order = lambda objectives: [line.split()[1] for line in front_table(rows, objectives).splitlines()[2:]]
+    assert order([("val_top1", "max", 0.0), ("macs", "min", 8e6)]) == ["c", "b", "a", "x"]
+    assert order([("macs", "min", 8e6), ("val_top1", "max", 0.0)]) == ["x", "a", "b", "c"]
+    assert "1,3" in front_table(rows, [("val_top1", "max", 0.0)]).splitlines()[3]

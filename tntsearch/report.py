@@ -170,9 +170,14 @@ _TABLE_ARCH = ("outer_dim", "depth", "inner_dim", "words", "inner_heads", "se", 
 
 
 def front_table(rows: Sequence[Mapping[str, Any]], objectives: Any) -> str:
-    """The rows as an aligned text table: objectives first, then the other costs, the
-    architecture essentials, status and run id."""
+    """The rows as an aligned text table, best first on the first objective (a front then
+    reads as a trade-off, one objective getting better as the other gets worse): objectives
+    first, then the other costs, the architecture essentials, status and run id."""
     objs = pareto.as_objectives(objectives)
+    first = objs[0]
+    sign = -1.0 if first.mode == "max" else 1.0
+    rows = sorted(rows, key=lambda r: (first.metric not in r.get("metrics", {}),
+                                       sign * float(r.get("metrics", {}).get(first.metric, 0.0))))
     metrics = list(dict.fromkeys([*(o.metric for o in objs), "val_top1", "macs", "params", "throughput"]))
     head = ["#", "trial", *(f"{m}({o.mode})" if (o := next((o for o in objs if o.metric == m), None)) else m for m in metrics),
             *_TABLE_ARCH, "baseline", "status", "run_id"]
