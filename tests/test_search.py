@@ -101,6 +101,7 @@ class StopAfterFirstEpoch(FIFOScheduler):
         return TrialScheduler.STOP if result.get("epoch", 0) >= 1 else TrialScheduler.CONTINUE
 
 
+@pytest.mark.timeout(420)  # a worker that is never handed back shows as a hang
 def test_stopped_trials_hand_back_their_workers(tmp_path, digits):
     """Tune stops a trial by ending its driver in the middle of the Ray Train run. The run's
     worker must give its CPU back (Ray Train's placement-group cleaner), or on 2 CPUs the
