@@ -60,8 +60,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# What every epoch reports; ``extra_metrics`` may not reuse these names.
 REPORT_POLL_INTERVAL_S = "0.2"  # how often Ray Train collects the workers' reports (see make_trainer)
+# What every epoch reports; ``extra_metrics`` may not reuse these names.
 TRAIN_METRICS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
 # DeiT's warm-up start (``--warmup-lr 1e-6``), reached linearly from here to the peak lr.
 _WARMUP_LR_INIT = 1e-6
