@@ -21,7 +21,11 @@ import requests
 
 from cluster_utils import free_port
 
-__all__ = ["MlflowServer"]
+__all__ = ["MlflowServer", "PortTaken"]
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: another process holds it."""
 
 
 @dataclass
@@ -45,9 +49,25 @@ class MlflowServer:
         return self.workdir / "server.log"
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start (or restart) the server and wait until ``/health`` answers."""
+        """Start (or restart) the server and wait until ``/health`` answers.
+
+        A first start whose port was taken between ``free_port`` and the server's bind (Ray
+        processes starting beside it pick ports too) tries again on a new port; a restart
+        keeps its port, as a real server's address does."""
+        first = self.proc is None
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if not first:
+                    raise
+                self.port = free_port()
+        raise PortTaken(f"no free port for the mlflow server after 3 tries; see {self.log}")
+
+    def _start(self, timeout: float) -> None:
         assert self.proc is None or self.proc.poll() is not None, "the server is already running"
         self.workdir.mkdir(parents=True, exist_ok=True)
+        logged = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -59,7 +79,9 @@ class MlflowServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                text = self.log.read_text()[logged:]
+                error = PortTaken if "address already in use" in text else RuntimeError
+                raise error(f"mlflow server exited with {self.proc.returncode}:\n{text[-3000:]}")
             with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
