@@ -34,7 +34,7 @@ from tntsearch.cost import count_macs, count_params  # noqa: E402
 from tntsearch.search import ConstrainedOptunaSearch, constraint_values  # noqa: E402
 from tntsearch.space import arch_from_params, baseline_points  # noqa: E402
 from tntsearch.spec import load_spec  # noqa: E402
-from tntsearch.tracking import MlflowTracker  # noqa: E402
+from tntsearch.tracking import TELEMETRY_ENV, MlflowTracker  # noqa: E402
 
 
 TOTALS: dict[str, float] = {}
@@ -114,7 +114,7 @@ def main() -> None:
     tracking.MlflowTracker = _timed(MlflowTracker, ["setup", "on_trial_result", "on_trial_complete", "on_trial_error",
                                                     "on_step_end", "on_experiment_end"])
 
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
     os.chdir(work)
     tic = time.perf_counter()
     outcome = run.search(spec, spec_path, progress_interval=1e9)

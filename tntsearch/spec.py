@@ -113,7 +113,8 @@ class Constraints(_Strict):
 
 
 class Scheduler(_Strict):
-    """Early stopping. ``none`` by default: see the README on ASHA's known defect."""
+    """Early stopping. ``none`` by default: ASHA judges on ``val_top1`` alone, so it can stop
+    a cheap architecture that belongs on the accuracy-cost front (README, ``scheduler``)."""
 
     type: Literal["asha", "none"] = "none"
     grace_period: int = Field(default=1, ge=1)
