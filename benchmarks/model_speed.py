@@ -12,6 +12,7 @@ this ratio varies less than the wall-clock one; caches and memory bandwidth stay
     python benchmarks/model_speed.py --threads 1   # CPU-time ratio, steadier on a busy machine
     python benchmarks/model_speed.py --ablations   # also the variants in docs/model_and_cost.md
     python benchmarks/model_speed.py --compile     # also torch.compile(tntsearch)
+    python benchmarks/model_speed.py --profile     # where the CPU time goes, per model
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from tntsearch.cost import make_step, time_step
 from tntsearch.model import TNT, Block, TNTBlock, WordEmbed, from_timm
 
-__all__ = ["contenders", "compare", "main"]
+__all__ = ["contenders", "compare", "profile", "main"]
 
 
 # --- ablations: tntsearch with one speed-up undone at a time -------------------------------
@@ -129,6 +130,28 @@ def _summary(batch_size: int, wall: list[float], cpu: list[float], ref_wall: lis
     }
 
 
+def profile(batch_size: int = 8, device: str = "cpu", mode: str = "train", steps: int = 2,
+            model_name: str = "tnt_s_patch16_224") -> dict[str, tuple[float, float]]:
+    """Per model, the self CPU seconds of ``steps`` steps (``torch.profiler``) and the share
+    of them spent in matrix products (``mm``, ``addmm``, ``bmm``)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    out = {}
+    for name, model in contenders(timm.create_model(model_name, pretrained=False), device).items():
+        step = make_step(model, device, batch_size, 224, mode)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+        out[name] = (total / 1e6, matmul / total)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=8)
@@ -138,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     parser.add_argument("--ablations", action="store_true", help="also time tntsearch with each speed-up undone")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(tntsearch)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: self CPU time of 2 steps per mode and its share in matrix products")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); with 1, CPU time measures the work alone")
     args = parser.parse_args(argv)
@@ -146,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
           f"threads {torch.get_num_threads()}, batch {args.batch_size}, float32, {args.repeats} rounds, "
           f"load average {os.getloadavg()[0]:.2f}")
+    if args.profile:
+        for mode in args.modes:
+            for name, (seconds, share) in profile(args.batch_size, args.device, mode).items():
+                print(f"{mode:10s} {name:10s} self CPU {seconds:6.2f} s for 2 steps, {share:.1%} in mm/addmm/bmm")
+        return 0
     for row in compare(args.batch_size, args.repeats, args.warmup, args.device, tuple(args.modes),
                        args.ablations, args.compile):
         print(f"{row['mode']:22s}   img/s  ratio to timm   img/CPU-s  ratio to timm")
