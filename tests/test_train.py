@@ -37,8 +37,8 @@ ARCH = get_config(
 EPOCHS = 12
 STOP = 5  # the first run stops after this epoch; the second resumes
 GLOBAL_BATCH = 16
-# lr 2e-3 at a global batch of 16, written per 512 images as the spec wants it.
-LR_PER_512 = 2e-3 * 512 / GLOBAL_BATCH
+# lr 4e-3 at a global batch of 16, written per 512 images as the spec wants it.
+LR_PER_512 = 4e-3 * 512 / GLOBAL_BATCH
 
 
 def _spec(digits, storage, *, num_workers: int, lr: float = LR_PER_512, warmup_epochs: int = 1) -> SearchSpec:
@@ -49,7 +49,10 @@ def _spec(digits, storage, *, num_workers: int, lr: float = LR_PER_512, warmup_e
         # The val crop keeps the central 224/256 of the side: training crops of a similar
         # area (0.75-0.8) keep the digits at the size validation shows them.
         "data": {"train": str(digits / "train.beton"), "val": str(digits / "val.beton"),
-                 "batch_size": GLOBAL_BATCH // num_workers, "num_workers": 1, "crop_scale": [0.75, 0.8]},
+                 "batch_size": GLOBAL_BATCH // num_workers, "num_workers": 1, "crop_scale": [0.75, 0.8],
+                 # A mirrored digit is not the same digit: with flips on, 12 epochs ended
+                 # anywhere between 44% and 80%; without, 85-92%.
+                 "flip": False},
         "train": {"epochs": EPOCHS, "lr": lr, "min_lr": 1e-5, "warmup_epochs": warmup_epochs,
                   "label_smoothing": 0.1, "clip_grad": 1.0, "seed": 0},
         "resources": {"num_workers": num_workers, "cpus_per_worker": 1, "max_failures": 0},
@@ -105,7 +108,7 @@ def test_two_workers_learn_digits(two_workers):
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) and r["images_per_s"] > 0
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 100
     final = reports[-1]
-    assert final["val_top1"] >= 60.0, reports  # chance is 10%
+    assert final["val_top1"] >= 70.0, reports  # chance is 10%
     assert final["lr"] < reports[1]["lr"]  # cosine decay after the warm-up epoch
     assert two_workers["second"].metrics["val_top1"] == final["val_top1"]
 
@@ -136,9 +139,10 @@ def test_one_worker_matches_two_workers(two_workers, digits, tmp_path):
         torch.set_num_threads(threads)
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     one, two = history[-1]["val_top1"], two_workers["second_reports"][-1]["val_top1"]
-    assert one >= 60.0 and two >= 60.0, (one, two)  # chance is 10%
+    assert one >= 70.0 and two >= 70.0, (one, two)  # chance is 10%
     # NOTE: CPU training is not bit-for-bit deterministic and FFCV's crops are not seeded, so
-    # two runs of one setting differ too: 1.7 and 12.5 points between these two in clean runs.
+    # two runs of one setting differ too: three DDP runs ended at 88.3, 93.9 and 94.2%, three
+    # single-process runs at 89-92%.
     assert abs(one - two) <= 15.0, (one, two)
     # lr scales with the global batch, which is the same for both runs.
     assert history[-1]["lr"] == pytest.approx(two_workers["second_reports"][-1]["lr"])
