@@ -11,7 +11,10 @@ MACs/params and the measured throughput), ``fit()`` alone and what the search ad
 whole search, its wall time against the sum of the ``fit()`` runs; the driver's own work
 (Optuna's suggestions, MLflow logging: timed methods);
 and the time to reject an infeasible candidate: analytically (no model built) and in a
-whole Tune trial. Usage: python benchmarks/search_overhead.py [--trials 10] [--epochs 15]
+whole Tune trial. Last, Ray Train's own share: the first trained architecture for 2 epochs
+through ``make_trainer(...).fit()`` and through ``fit()`` in a fresh process, alternating
+(``--train-runs`` rounds), and the Ray processes one such run puts to work.
+Usage: python benchmarks/search_overhead.py [--trials 10] [--epochs 15] [--train-runs 3]
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -82,10 +86,54 @@ def _standalone_fit(spec_path: Path, arch: dict, work: Path) -> float:
     return time.perf_counter() - tic
 
 
+def _ray_processes(since: float, stop: threading.Event, seen: dict[int, tuple[float, str]]) -> None:
+    """Ray worker processes that take on a role after ``since``: pid -> (seconds after
+    ``since`` when first seen in it, the role: actor class or task, marked when the process
+    was already running, idle, before ``since``)."""
+    import psutil
+
+    def roles():
+        for proc in psutil.process_iter(["pid", "create_time", "cmdline"]):
+            title = " ".join(proc.info["cmdline"] or [])
+            if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+                yield proc.info["pid"], proc.info["create_time"], title[5:].split(".")[0].split()[0]
+
+    busy_before = {pid for pid, _, _ in roles()}
+    while not stop.is_set():
+        for pid, created, role in roles():
+            if pid not in busy_before and pid not in seen:
+                # NOTE: creation times are rounded to clock ticks (10 ms).
+                seen[pid] = (time.time() - since, role if created >= since - 0.01 else f"{role} (idle before)")
+        stop.wait(0.05)
+
+
+def _ray_train_runs(spec_path: Path, arch: dict, work: Path, rounds: int) -> tuple[list[float], list[float], dict]:
+    """Seconds for ``make_trainer(arch, spec).fit()`` in this (Ray) process and for
+    ``_standalone_fit``, alternating; and the processes the last Ray Train run put to work."""
+    from tntsearch.model import TNTConfig
+    from tntsearch.train import make_trainer
+
+    spec = load_spec(spec_path)
+    ray_s, alone_s, seen = [], [], {}
+    for i in range(rounds):
+        stop = threading.Event()
+        since = time.time()
+        watcher = threading.Thread(target=_ray_processes, args=(since, stop, seen if i == rounds - 1 else {}))
+        watcher.start()
+        tic = time.perf_counter()
+        make_trainer(TNTConfig.from_dict(arch), spec, name=f"train-run-{i}", storage_path=str(work / "train-runs")).fit()
+        ray_s.append(time.perf_counter() - tic)
+        stop.set()
+        watcher.join()
+        alone_s.append(_standalone_fit(spec_path, arch, work))
+    return ray_s, alone_s, seen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--epochs", type=int, default=15, help="the demo's 15 by default")
+    ap.add_argument("--train-runs", type=int, default=3, help="rounds of Ray Train vs fit() alone (0: skip)")
     args = ap.parse_args()
 
     import ray
@@ -119,7 +167,6 @@ def main() -> None:
     tic = time.perf_counter()
     outcome = run.search(spec, spec_path, progress_interval=1e9)
     search_wall = time.perf_counter() - tic
-    ray.shutdown()
 
     import mlflow
 
@@ -138,6 +185,11 @@ def main() -> None:
 
     # The same trainings outside the framework, one fresh process each, after the search.
     standalone = [_standalone_fit(spec_path, arch=t[5], work=work) for t in trained]
+    if args.train_runs:
+        short = dict(raw, train={**raw["train"], "epochs": 2})
+        (work / "spec-2-epochs.yaml").write_text(yaml.safe_dump(short))
+        ray_s, alone_s, started = _ray_train_runs(work / "spec-2-epochs.yaml", trained[0][5], work, args.train_runs)
+    ray.shutdown()
 
     print(f"\nsearch_overhead: {args.trials} trials x {args.epochs} epochs on digits (demo space), 2 CPUs, one trial at a time")
     print(f"{'trial':<10}{'wall s':>8}{'epochs s':>10}{'cost s':>8}{'fit() alone s':>15}{'added s':>9}{'added':>8}")
@@ -155,6 +207,13 @@ def main() -> None:
     print(f"reject an infeasible candidate, analytic (no model built): median {analytic * 1e3:.3f} ms, max {analytic_max * 1e3:.3f} ms")
     if infeasible:
         print(f"reject an infeasible candidate, whole Tune trial: {statistics.median(infeasible):.2f} s (median of {len(infeasible)})")
+    if args.train_runs:
+        r, a = statistics.median(ray_s), statistics.median(alone_s)
+        print(f"\nRay Train's own cost, trial {trained[0][0]}'s architecture for 2 epochs, {args.train_runs} rounds alternating:"
+              f" make_trainer(...).fit() median {r:.1f} s [{', '.join(f'{x:.1f}' for x in ray_s)}],"
+              f" fit() in a fresh process {a:.1f} s [{', '.join(f'{x:.1f}' for x in alone_s)}]: Ray Train adds {r - a:.1f} s per run")
+        print("Ray processes the last run put to work (s after fit() was called; 'idle before': started earlier by Ray): "
+              + ", ".join(f"{name} {offset:.1f}" for offset, name in sorted(started.values())))
 
 
 if __name__ == "__main__":
