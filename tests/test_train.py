@@ -37,8 +37,9 @@ ARCH = get_config(
 EPOCHS = 12
 STOP = 5  # the first run stops after this epoch; the second resumes
 GLOBAL_BATCH = 16
-# lr 4e-3 at a global batch of 16, written per 512 images as the spec wants it.
-LR_PER_512 = 4e-3 * 512 / GLOBAL_BATCH
+# lr 2e-3 at a global batch of 16, written per 512 images as the spec wants it. At 4e-3 some
+# runs stall near chance for several epochs and end at 58-69% (3 of 19 runs).
+LR_PER_512 = 2e-3 * 512 / GLOBAL_BATCH
 
 
 def _spec(digits, storage, *, num_workers: int, lr: float = LR_PER_512, warmup_epochs: int = 1) -> SearchSpec:
@@ -51,7 +52,7 @@ def _spec(digits, storage, *, num_workers: int, lr: float = LR_PER_512, warmup_e
         "data": {"train": str(digits / "train.beton"), "val": str(digits / "val.beton"),
                  "batch_size": GLOBAL_BATCH // num_workers, "num_workers": 1, "crop_scale": [0.75, 0.8],
                  # A mirrored digit is not the same digit: with flips on, 12 epochs ended
-                 # anywhere between 44% and 80%; without, 85-91%.
+                 # anywhere between 44% and 80%; without, 82-93% (9 single-process runs).
                  "flip": False},
         "train": {"epochs": EPOCHS, "lr": lr, "min_lr": 1e-5, "warmup_epochs": warmup_epochs,
                   "label_smoothing": 0.1, "clip_grad": 1.0, "seed": 0},
@@ -141,8 +142,7 @@ def test_one_worker_matches_two_workers(two_workers, digits, tmp_path):
     one, two = history[-1]["val_top1"], two_workers["second_reports"][-1]["val_top1"]
     assert one >= 70.0 and two >= 70.0, (one, two)  # chance is 10%
     # NOTE: CPU training is not bit-for-bit deterministic and FFCV's crops are not seeded, so
-    # two runs of one setting differ too: three DDP runs ended at 88.3, 93.9 and 94.2%, three
-    # single-process runs at 89-91%.
+    # two runs of one setting differ too: single-process runs ended at 82-93%.
     assert abs(one - two) <= 15.0, (one, two)
     # lr scales with the global batch, which is the same for both runs.
     assert history[-1]["lr"] == pytest.approx(two_workers["second_reports"][-1]["lr"])
