@@ -114,11 +114,12 @@ def _ray_train_runs(spec_path: Path, arch: dict, work: Path, rounds: int) -> tup
     from tntsearch.train import make_trainer
 
     spec = load_spec(spec_path)
-    ray_s, alone_s, seen = [], [], {}
+    ray_s, alone_s = [], []
     for i in range(rounds):
+        seen: dict[int, tuple[float, str]] = {}
         stop = threading.Event()
         since = time.time()
-        watcher = threading.Thread(target=_ray_processes, args=(since, stop, seen if i == rounds - 1 else {}))
+        watcher = threading.Thread(target=_ray_processes, args=(since, stop, seen))
         watcher.start()
         tic = time.perf_counter()
         make_trainer(TNTConfig.from_dict(arch), spec, name=f"train-run-{i}", storage_path=str(work / "train-runs")).fit()
