@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tntsearch.cost import count_macs, count_params, measure_throughput
 from tntsearch.model import TNTConfig
+from tntsearch.moasha import MOASHAScheduler
 from tntsearch.space import arch_from_params, baseline_points, define_by_run
 from tntsearch.spec import SearchSpec
 from tntsearch.tracking import CONSTRAINT_PREFIX
@@ -78,23 +79,21 @@ def make_searcher(spec: SearchSpec) -> ConstrainedOptunaSearch:
 
 
 def make_scheduler(spec: SearchSpec):
-    """ASHA on ``val_top1`` over epochs, or FIFO. Multi-objective Optuna studies cannot prune,
-    so early stopping is Ray's job; infeasible trials report epoch 0, below every rung."""
+    """Early stopping over epochs: ASHA on ``val_top1``, MO-ASHA over all the spec's
+    objectives (:mod:`tntsearch.moasha`), or FIFO. Multi-objective Optuna studies cannot
+    prune, so early stopping is Ray's job; infeasible trials report epoch 0, below every rung.
+
+    NOTE: stopping a trial ends its driver mid-``fit``; the Train workers' placement group
+    is then freed by Ray Train's cleaner actor, within seconds. A trial at its last epoch
+    ends by itself, cleanly (``stop_last_trials=False``)."""
     s = spec.search.scheduler
     if s.type == "none":
         return tune.schedulers.FIFOScheduler()
-    return tune.schedulers.ASHAScheduler(
-        time_attr="epoch",
-        metric="val_top1",
-        mode="max",
-        max_t=spec.train.epochs,
-        grace_period=min(s.grace_period, spec.train.epochs),
-        reduction_factor=s.reduction_factor,
-        # NOTE: stopping a trial ends its driver mid-``fit``; the Train workers' placement
-        # group is then freed by Ray Train's cleaner actor, within seconds. A trial at its
-        # last epoch ends by itself, cleanly.
-        stop_last_trials=False,
-    )
+    rungs = dict(time_attr="epoch", max_t=spec.train.epochs, grace_period=min(s.grace_period, spec.train.epochs),
+                 reduction_factor=s.reduction_factor, brackets=s.brackets, stop_last_trials=False)
+    if s.type == "moasha":
+        return MOASHAScheduler(spec.objectives, **rungs)
+    return tune.schedulers.ASHAScheduler(metric="val_top1", mode="max", **rungs)
 
 
 def constraint_values(spec: SearchSpec, *, params: float, macs: float, throughput: float | None = None) -> dict[str, float]:

@@ -113,12 +113,14 @@ class Constraints(_Strict):
 
 
 class Scheduler(_Strict):
-    """Early stopping. ``none`` by default: ASHA judges on ``val_top1`` alone, so it can stop
-    a cheap architecture that belongs on the accuracy-cost front (README, ``scheduler``)."""
+    """Early stopping on ``epoch``: ``asha`` judges on ``val_top1`` alone and can stop a cheap
+    architecture that belongs on the accuracy-cost front; ``moasha`` ranks each rung over all
+    the objectives (docs/early_stopping.md). ``none`` by default (README, ``scheduler``)."""
 
-    type: Literal["asha", "none"] = "none"
+    type: Literal["asha", "moasha", "none"] = "none"
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: float = Field(default=2.0, gt=1)
+    brackets: int = Field(default=1, ge=1)
 
 
 class SearchSettings(_Strict):
