@@ -10,7 +10,9 @@ Three views of the same model, cheapest first:
 - :func:`counted_macs`: ``torch.utils.flop_counter.FlopCounterMode`` on a real forward
   pass, divided by 2 -- the independent check of the closed forms.
 - :func:`measure_throughput`: images/s on a device, the cost that FLOPs misrank for TNT
-  (paper Table 5: TNT-S has 13% more FLOPs than DeiT-S but half its throughput).
+  (paper Table 5: TNT-S has 13% more FLOPs than DeiT-S but half its throughput);
+  :func:`measure_speed`: inference images/s and one-image latency as a search measures
+  them, optionally corrected for load by a reference model timed in between.
 
 CLI: ``python -m tntsearch.cost tnt_s --set words=4 inner_dim=96 --json``.
 """
@@ -22,16 +24,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from tntsearch.model import PRESETS, TNTConfig, create_model, get_config
+from tntsearch.model import PRESETS, TNTConfig, create_model, get_config, parse_overrides
 
 __all__ = [
     "count_params",
@@ -39,7 +40,9 @@ __all__ = [
     "counted_macs",
     "make_step",
     "time_step",
+    "timed_rounds",
     "measure_throughput",
+    "measure_speed",
     "cost_report",
     "main",
 ]
@@ -154,7 +157,7 @@ def counted_macs(cfg: TNTConfig | str, device: str | torch.device = "meta") -> i
 
 
 # ---------------------------------------------------------------------------------------
-# Measured throughput
+# Measured throughput and latency
 # ---------------------------------------------------------------------------------------
 
 def _device(device: str | torch.device) -> torch.device:
@@ -176,6 +179,12 @@ def _check_step_args(mode: str, precision: str, batch_size: int) -> None:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
 
 
+def _check_counts(**counts: tuple[int, int]) -> None:
+    for name, (value, low) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -183,13 +192,15 @@ def _sync(device: torch.device) -> None:
 
 def make_step(model: nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
               img_size: int = 224, mode: str = "inference", precision: str = "fp32",
-              num_classes: int = 1000, seed: int = 0) -> Callable[[], None]:
+              num_classes: int = 1000, seed: int = 0, compile: bool = False) -> Callable[[], None]:
     """One timed unit of work on ``model``, moved to ``device``: a closure doing one step.
 
     ``inference``: eval mode, ``torch.inference_mode``, forward only. ``train``: train mode,
     forward, cross-entropy, backward and an AdamW step (the paper's optimiser, Table 3) --
     this updates ``model``'s weights. ``precision`` bf16/fp16 runs under ``torch.autocast``.
-    The closure does not synchronise; the caller does.
+    ``compile`` runs the model through ``torch.compile`` (static shapes: one graph per batch
+    size; the first call compiles, so warm up before timing). The closure does not
+    synchronise; the caller does.
     """
     _check_step_args(mode, precision, batch_size)
     device = _device(device)
@@ -197,6 +208,7 @@ def make_step(model: nn.Module, device: str | torch.device = "cpu", batch_size: 
     images = torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
     model = model.to(device)
+    forward = torch.compile(model, dynamic=False) if compile else model
     dtype = _PRECISIONS[precision]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
@@ -205,7 +217,7 @@ def make_step(model: nn.Module, device: str | torch.device = "cpu", batch_size: 
 
         def step() -> None:
             with torch.inference_mode(), autocast():
-                model(images)
+                forward(images)
         return step
 
     model.train()
@@ -214,7 +226,7 @@ def make_step(model: nn.Module, device: str | torch.device = "cpu", batch_size: 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.cross_entropy(model(images), labels)
+            loss = F.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
     return step
@@ -230,9 +242,38 @@ def time_step(step: Callable[[], None], device: str | torch.device = "cpu") -> f
     return time.perf_counter() - start
 
 
+def timed_rounds(steps: Mapping[str, Callable[[], None]], device: str | torch.device = "cpu",
+                 warmup: int = 2, rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each step over ``rounds`` rounds, the steps interleaved within a
+    round (A B A B ...) so that a change of machine load hits all of them alike; ``warmup``
+    untimed calls of each first (allocator, kernel selection, compilation)."""
+    _check_counts(warmup=(warmup, 0), rounds=(rounds, 1))
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(time_step(step, device))
+    return times
+
+
+def _model(cfg: TNTConfig | str | nn.Module, img_size: int | None) -> tuple[nn.Module, int, int]:
+    """``(model, img_size, num_classes)``: a fresh model for a config, or the module as is."""
+    if not isinstance(cfg, nn.Module):
+        conf = get_config(cfg)
+        return create_model(conf), img_size or conf.img_size, conf.num_classes
+    conf = getattr(cfg, "config", None)
+    img_size = img_size or (conf.img_size if isinstance(conf, TNTConfig) else None)
+    if img_size is None:
+        raise ValueError("img_size is required for a model without a TNTConfig")
+    num_classes = conf.num_classes if isinstance(conf, TNTConfig) else getattr(cfg, "num_classes", 1000)
+    return cfg, img_size, num_classes
+
+
 def measure_throughput(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu",
                        batch_size: int = 32, mode: str = "inference", warmup: int = 2, repeats: int = 5,
-                       precision: str = "fp32", img_size: int | None = None) -> float:
+                       precision: str = "fp32", img_size: int | None = None, compile: bool = False) -> float:
     """Measured images/s of a model: the median of ``repeats`` timed steps after ``warmup``.
 
     ``cfg`` is a preset name or config (a fresh randomly initialised model is built) or a
@@ -242,45 +283,64 @@ def measure_throughput(cfg: TNTConfig | str | nn.Module, device: str | torch.dev
     GPU. Warm-up steps (allocator, kernel selection, lazy init) are not timed. Touches no
     process-wide setting (threads, cudnn flags, seeds), so a Ray trial can call it as is.
     """
-    for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    _check_counts(warmup=(warmup, 0), repeats=(repeats, 1))
     _check_step_args(mode, precision, batch_size)
-    device = _device(device)
-    if isinstance(cfg, nn.Module):
-        model = cfg
-        conf = getattr(model, "config", None)
-        img_size = img_size or (conf.img_size if isinstance(conf, TNTConfig) else None)
-        if img_size is None:
-            raise ValueError("img_size is required for a model without a TNTConfig")
-        num_classes = conf.num_classes if isinstance(conf, TNTConfig) else getattr(model, "num_classes", 1000)
-    else:
-        conf = get_config(cfg)
-        model = create_model(conf)
-        img_size, num_classes = img_size or conf.img_size, conf.num_classes
-    step = make_step(model, device, batch_size, img_size, mode, precision, num_classes)
-    for _ in range(warmup):
-        step()
-    times = [time_step(step, device) for _ in range(repeats)]
+    model, img_size, num_classes = _model(cfg, img_size)
+    step = make_step(model, device, batch_size, img_size, mode, precision, num_classes, compile=compile)
+    times = timed_rounds({"model": step}, device, warmup, repeats)["model"]
     return batch_size / statistics.median(times)
+
+
+def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
+                  precision: str = "fp32", compile: bool = False, rounds: int = 5, warmup: int = 2,
+                  img_size: int | None = None, reference: TNTConfig | str | nn.Module | None = None,
+                  reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
+    """Inference ``throughput`` (images/s at ``batch_size``) and ``latency_ms`` (one image),
+    each the median over ``rounds`` interleaved rounds (docs/model_and_cost.md, "Measuring").
+
+    With a ``reference`` model and its ``reference_speed`` = (images/s, ms) measured on the
+    same device when it was quiet, every round times candidate and reference back to back
+    (A B A B) and the figures are corrected for load by the median paired ratio::
+
+        throughput = reference images/s * median(t_reference / t_candidate)
+        latency_ms = reference ms       * median(l_candidate / l_reference)
+
+    The uncorrected medians come back as ``throughput_raw`` / ``latency_ms_raw`` and the
+    reference's own as ``reference_throughput_raw`` / ``reference_latency_ms_raw``.
+    """
+    if (reference is None) != (reference_speed is None):
+        raise ValueError("reference and reference_speed go together")
+    _check_step_args("inference", precision, batch_size)
+    device = _device(device)
+    models = {"candidate": _model(cfg, img_size)}
+    if reference is not None:
+        models["reference"] = _model(reference, None)
+    steps: dict[str, Callable[[], None]] = {}
+    for name, (model, size, classes) in models.items():
+        steps[f"{name} batch"] = make_step(model, device, batch_size, size, "inference", precision, classes,
+                                           compile=compile)
+        steps[f"{name} one"] = make_step(model, device, 1, size, "inference", precision, classes, compile=compile)
+    times = timed_rounds(steps, device, warmup, rounds)
+    out = {"throughput": batch_size / statistics.median(times["candidate batch"]),
+           "latency_ms": 1e3 * statistics.median(times["candidate one"])}
+    if reference is None:
+        return out
+    ref_throughput, ref_latency_ms = reference_speed
+    return {
+        "throughput": ref_throughput * statistics.median(
+            r / c for r, c in zip(times["reference batch"], times["candidate batch"])),
+        "latency_ms": ref_latency_ms * statistics.median(
+            c / r for r, c in zip(times["reference one"], times["candidate one"])),
+        "throughput_raw": out["throughput"],
+        "latency_ms_raw": out["latency_ms"],
+        "reference_throughput_raw": batch_size / statistics.median(times["reference batch"]),
+        "reference_latency_ms_raw": 1e3 * statistics.median(times["reference one"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------
-
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value; got {item!r}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--set {key}: cannot parse value {value!r}") from exc
-    return out
-
 
 def cost_report(cfg: TNTConfig | str, measure: bool = False, device: str = "cpu", batch_size: int = 8,
                 mode: str = "inference", warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
@@ -319,7 +379,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
-        cfg = get_config(args.preset, **_parse_sets(args.sets))
+        cfg = get_config(args.preset, **parse_overrides(args.sets))
         report = cost_report(cfg, args.measure, args.device, args.batch_size, args.mode, args.warmup, args.repeats)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

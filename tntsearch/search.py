@@ -1,7 +1,7 @@
 """Ray Tune + Optuna: one trial per architecture, costed before it may train.
 
 Flow of a trial (``run_trial``): sampled params -> architecture -> analytic MACs/params
--> measured throughput on the trial's device -> constraints. An infeasible architecture
+-> measured throughput and latency on the trial's device -> constraints. An infeasible architecture
 reports its costs and violations once (epoch 0) and trains zero steps; the sampler learns
 of the violation through Optuna's ``Trial.set_constraint`` (``ConstrainedOptunaSearch``,
 the one place that wiring lives). A feasible one trains as a Ray Train ``TorchTrainer``
@@ -12,15 +12,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import optuna
 import ray
+import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from tntsearch.cost import count_macs, count_params, measure_throughput
+from tntsearch.cost import count_macs, count_params, measure_speed
 from tntsearch.model import TNTConfig
 from tntsearch.moasha import MOASHAScheduler
 from tntsearch.space import arch_from_params, baseline_points, define_by_run
@@ -36,6 +36,7 @@ __all__ = [
     "run_trial",
     "make_tuner",
     "experiment_path",
+    "saved_num_samples",
 ]
 
 
@@ -96,9 +97,10 @@ def make_scheduler(spec: SearchSpec):
     return tune.schedulers.ASHAScheduler(metric="val_top1", mode="max", **rungs)
 
 
-def constraint_values(spec: SearchSpec, *, params: float, macs: float, throughput: float | None = None) -> dict[str, float]:
+def constraint_values(spec: SearchSpec, *, params: float, macs: float, throughput: float | None = None,
+                      latency_ms: float | None = None) -> dict[str, float]:
     """Relative constraint values, Optuna's convention: <= 0 satisfied, > 0 violated by that
-    fraction of the limit. Throughput is left out until it has been measured."""
+    fraction of the limit. Throughput and latency are left out until they have been measured."""
     c = spec.constraints
     values = {}
     if c.max_macs is not None:
@@ -107,19 +109,53 @@ def constraint_values(spec: SearchSpec, *, params: float, macs: float, throughpu
         values["max_params"] = (params - c.max_params) / c.max_params
     if c.min_throughput is not None and throughput is not None:
         values["min_throughput"] = (c.min_throughput - throughput) / c.min_throughput
+    if c.max_latency_ms is not None and latency_ms is not None:
+        values["max_latency_ms"] = (latency_ms - c.max_latency_ms) / c.max_latency_ms
     return values
 
 
-def _measure_on_trial_device(arch: TNTConfig, spec: SearchSpec) -> float:
-    """Throughput measured by a Ray task holding what one training worker holds, so the
-    number is taken on the hardware (and thread count) the trial would train on."""
-    r = spec.resources
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _measure_task(arch: TNTConfig, *, threads: int, device: str, precision: str, **kwargs: Any) -> dict[str, float]:
+    """The body of the measuring Ray task: torch computes on exactly the CPUs the task holds,
+    at the precision ``precision`` (``auto`` too) resolves to on this device."""
+    from tntsearch.train import resolve_precision
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        name = _PRECISION_NAMES[resolve_precision(precision, torch.device(device))]
+        return measure_speed(arch, device=device, precision=name, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure_on_trial_device(arch: TNTConfig, spec: SearchSpec) -> dict[str, float]:
+    """``throughput`` and ``latency_ms`` as ``constraints.measure`` says (docs/model_and_cost.md,
+    "Measuring"), by a Ray task holding what one training worker holds -- its CPUs, its GPU --
+    plus ``{resource: 1}`` when a deployment machine class is named, so the figures are taken
+    on the hardware (and thread count) the model trains or will run on."""
+    m, r = spec.constraints.measure, spec.resources
+    device = m.device or ("cuda" if r.use_gpu else "cpu")
+    gpus = (r.gpus_per_worker if r.use_gpu else 1) if device == "cuda" else 0
     # NOTE: "DEFAULT" keeps the task out of the trial's placement group (which holds only
     # the trial driver's sliver of CPU), like the Train workers.
-    task = ray.remote(measure_throughput).options(
-        num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, scheduling_strategy="DEFAULT"
+    task = ray.remote(_measure_task).options(
+        num_cpus=r.cpus_per_worker, num_gpus=gpus, resources={m.resource: 1} if m.resource else None,
+        scheduling_strategy="DEFAULT",
     )
-    return ray.get(task.remote(arch, device="cuda" if r.use_gpu else "cpu", batch_size=spec.constraints.throughput_batch_size))
+    reference = {}
+    if m.reference is not None:
+        point = dict(baseline_points(spec))[m.reference.baseline]
+        reference = {"reference": arch_from_params(point, spec.space),
+                     "reference_speed": (m.reference.throughput, m.reference.latency_ms)}
+    return ray.get(task.remote(
+        arch, threads=max(1, int(r.cpus_per_worker)), device=device,
+        precision=m.precision or spec.train.precision,
+        compile=spec.train.compile if m.compile is None else m.compile,
+        batch_size=m.batch_size, rounds=m.rounds, warmup=m.warmup, **reference,
+    ))
 
 
 def _report_infeasible(spec: SearchSpec, record: dict[str, Any], constraints: dict[str, float]) -> None:
@@ -142,14 +178,16 @@ def _is_number(value: Any) -> bool:
 
 def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, dict[str, Any]]) -> None:
     """The Tune trainable: cost the sampled architecture, then train it if it is feasible."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-    from tntsearch.train import make_trainer
+    from tntsearch.trainer import make_trainer
 
     tic = time.perf_counter()
     params = dict(config)
     baseline = next((name for name, point in baselines.items() if point == params), "")
-    record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan")}
+    record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan"),
+                              "latency_ms": float("nan")}
     try:
         arch = arch_from_params(params, spec.space)
     except ValueError as e:
@@ -162,8 +200,9 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
         record["cost_time_s"] = time.perf_counter() - tic
         _report_infeasible(spec, record, constraints)
         return
-    record["throughput"] = _measure_on_trial_device(arch, spec)
-    constraints = constraint_values(spec, params=record["params"], macs=record["macs"], throughput=record["throughput"])
+    record.update(_measure_on_trial_device(arch, spec))
+    constraints = constraint_values(spec, params=record["params"], macs=record["macs"],
+                                    throughput=record["throughput"], latency_ms=record["latency_ms"])
     record["cost_time_s"] = time.perf_counter() - tic  # costing + constraint checks, per trial
     if any(v > 0 for v in constraints.values()):
         _report_infeasible(spec, record, constraints)
@@ -173,11 +212,27 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
         arch,
         spec,
         name=f"train-{tune.get_context().get_trial_id()}",
-        storage_path=str(Path(experiment_path(spec)) / "train"),
+        storage_path=os.path.join(experiment_path(spec), "train"),  # Path() would turn s3:// into s3:/
         extra_metrics=extra,
         callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    # NOTE: a trial that Tune restores after its driver died reruns, and its Train run goes on
+    # from its latest checkpoint. When that checkpoint is the last epoch's, nothing trains and
+    # nothing is reported: Tune (and MLflow) would keep the result of Tune's last snapshot.
+    # The final epoch is then reported again, as its checkpoint recorded it. Tune's function
+    # session counts the reports it forwarded (the same session TuneReportCallback feeds).
+    session = get_session()
+    reported_before = session.iteration
+    result = trainer.fit()
+    if session.iteration == reported_before and result.metrics:
+        path = {CHECKPOINT_PATH_KEY: result.checkpoint.path} if result.checkpoint else {}
+        tune.report({**result.metrics, **path})
+
+
+def saved_num_samples(spec: SearchSpec) -> int:
+    """The sample count the search saved at ``experiment_path(spec)`` was started with:
+    Tune's restore keeps it whatever the spec says now (no Ray needed)."""
+    return make_tuner(spec, resume=True)._local_tuner._tune_config.num_samples
 
 
 def experiment_path(spec: SearchSpec) -> str:
@@ -195,6 +250,10 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
     # a sliver of CPU per driver leaves a 2-CPU machine 1.98 CPUs: one 1-CPU worker at a
     # time. Ray refuses an empty request, so the driver asks for one byte of memory.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": 1})
+    # NOTE: what a killed driver leaves to resume from is Tune's last experiment snapshot,
+    # taken at most every 10 s by default ("auto"); a small state snapshotted every 2 s
+    # leaves fewer trials to run again (and MLflow runs to reconcile, docs/faults.md).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if resume:
         return tune.Tuner.restore(
             experiment_path(spec), trainable=trainable, resume_unfinished=True, restart_errored=False

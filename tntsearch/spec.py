@@ -20,6 +20,8 @@ __all__ = [
     "FloatRange",
     "PerBlock",
     "Objective",
+    "Reference",
+    "Measure",
     "Constraints",
     "Scheduler",
     "SearchSettings",
@@ -29,6 +31,8 @@ __all__ = [
     "MlflowSpec",
     "SearchSpec",
     "SpecError",
+    "SUPERNET_FIXED",
+    "SupernetSpec",
     "load_spec",
 ]
 
@@ -38,7 +42,7 @@ ARCH_PARAMS = (
     "inner_dim", "words", "inner_heads", "inner_mlp_ratio", "se", "se_ratio",
     "tnt_blocks", "drop_path", "num_classes",
 )
-OBJECTIVE_METRICS = ("val_top1", "val_top5", "val_loss", "macs", "params", "throughput")
+OBJECTIVE_METRICS = ("val_top1", "val_top5", "val_loss", "macs", "params", "throughput", "latency_ms")
 
 
 class SpecError(ValueError):
@@ -98,9 +102,34 @@ class Objective(_Strict):
     """One objective; ``ref`` is its hypervolume reference value, fixed here so that runs
     stay comparable (a reference taken from the data would move with every trial)."""
 
-    metric: Literal["val_top1", "val_top5", "val_loss", "macs", "params", "throughput"]
+    metric: Literal["val_top1", "val_top5", "val_loss", "macs", "params", "throughput", "latency_ms"]
     mode: Literal["max", "min"]
     ref: float
+
+
+class Reference(_Strict):
+    """A baseline (by its ``search.baselines`` name) timed between the candidate's rounds,
+    with its images/s and one-image ms on the quiet measuring device (e.g. from
+    ``python -m tntsearch.cost --measure``): the recorded figures are corrected for load."""
+
+    baseline: str
+    throughput: float = Field(gt=0)
+    latency_ms: float = Field(gt=0)
+
+
+class Measure(_Strict):
+    """How and where ``throughput`` and ``latency_ms`` are measured (docs/model_and_cost.md,
+    "Measuring"): inference at the precision and compilation the model will run with, on
+    the trial's device class or on a Ray ``resource`` that names the deployment machines."""
+
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: train.precision
+    batch_size: int = Field(default=32, ge=1)
+    compile: bool | None = None  # None: train.compile
+    rounds: int = Field(default=5, ge=1)  # timed rounds, the median is kept
+    warmup: int = Field(default=2, ge=0)
+    device: Literal["cpu", "cuda"] | None = None  # None: the device the trial trains on
+    resource: str | None = Field(default=None, min_length=1)  # e.g. deploy_target: the task asks {deploy_target: 1}
+    reference: Reference | None = None
 
 
 class Constraints(_Strict):
@@ -109,7 +138,8 @@ class Constraints(_Strict):
     max_macs: float | None = Field(default=None, gt=0)
     max_params: float | None = Field(default=None, gt=0)
     min_throughput: float | None = Field(default=None, gt=0)
-    throughput_batch_size: int = Field(default=32, ge=1)
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    measure: Measure = Measure()
 
 
 class Scheduler(_Strict):
@@ -163,6 +193,7 @@ class TrainSpec(_Strict):
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     clip_grad: float | None = Field(default=None, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False  # torch.compile the model (docs/model_and_cost.md, "torch.compile")
     seed: int = 0
 
 
@@ -189,6 +220,39 @@ class ResourcesSpec(_Strict):
         return self
 
 
+# Architecture parameters a weight-sharing supernet cannot make elastic (docs/supernet.md):
+# the data fixes the first three, and drop path and the SE ratio are not widths to slice.
+SUPERNET_FIXED = ("img_size", "patch_size", "num_classes", "drop_path", "se_ratio")
+
+
+class SupernetSpec(_Strict):
+    """One-shot training of a weight-sharing supernet (docs/supernet.md). ``k`` random
+    sub-networks train every step: alone with ``uniform`` (AutoFormer), after the largest and
+    the smallest with ``sandwich`` (BigNAS, NASViT), where ``distill`` (default on) trains
+    the smaller ones on the largest's predictions. The recipe is ``train``'s, run for
+    ``epochs``."""
+
+    epochs: int = Field(default=100, ge=1)
+    sampling: Literal["uniform", "sandwich"] = "sandwich"
+    k: int = Field(default=2, ge=0)
+    distill: bool = True  # sandwich only: left out with uniform, it is off
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sampling") == "uniform" and "distill" not in data:
+            data = {**data, "distill": False}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SupernetSpec:
+        if self.sampling == "uniform" and self.k < 1:
+            raise ValueError("supernet.k must be >= 1 with sampling: uniform (sub-networks per step)")
+        if self.sampling == "uniform" and self.distill:
+            raise ValueError("supernet.distill needs sampling: sandwich (the largest sub-network is the teacher)")
+        return self
+
+
 class MlflowSpec(_Strict):
     tracking_uri: str | None = None
     experiment: str | None = None
@@ -208,6 +272,7 @@ class SearchSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     mlflow: MlflowSpec = MlflowSpec()
     storage: str = "ray_results"
+    supernet: SupernetSpec | None = None
 
     @field_validator("space")
     @classmethod
@@ -222,6 +287,27 @@ class SearchSpec(_Strict):
         metrics = [o.metric for o in self.objectives]
         if len(set(metrics)) != len(metrics):
             raise ValueError(f"objectives name a metric twice: {metrics}")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_is_a_baseline(self) -> SearchSpec:
+        ref = self.constraints.measure.reference
+        names = [b if isinstance(b, str) else str(b.get("name", f"baseline_{i}"))
+                 for i, b in enumerate(self.search.baselines)]
+        if ref is not None and ref.baseline not in names:
+            raise ValueError(f"constraints.measure.reference.baseline {ref.baseline!r} is not one of "
+                             f"search.baselines {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _supernet_elastic(self) -> SearchSpec:
+        if self.supernet is None:
+            return self
+        for name in SUPERNET_FIXED:
+            if isinstance(self.space.get(name), (Choice, IntRange, FloatRange, PerBlock)):
+                raise ValueError(
+                    f"space.{name} is searched, but a supernet shares one set of weights across "
+                    f"sub-networks and cannot vary {name}: fix it to one value or drop the supernet section")
         return self
 
     @property
