@@ -111,7 +111,7 @@ def _ray_train_runs(spec_path: Path, arch: dict, work: Path, rounds: int) -> tup
     """Seconds for ``make_trainer(arch, spec).fit()`` in this (Ray) process and for
     ``_standalone_fit``, alternating; and the processes the last Ray Train run put to work."""
     from tntsearch.model import TNTConfig
-    from tntsearch.train import make_trainer
+    from tntsearch.trainer import make_trainer
 
     spec = load_spec(spec_path)
     ray_s, alone_s = [], []

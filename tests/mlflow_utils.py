@@ -48,13 +48,14 @@ class MlflowServer:
     def log(self) -> Path:
         return self.workdir / "server.log"
 
-    def start(self, timeout: float = 120.0) -> None:
+    def start(self, timeout: float = 120.0, *, keep_port: bool = False) -> None:
         """Start (or restart) the server and wait until ``/health`` answers.
 
         A first start whose port was taken between ``free_port`` and the server's bind (Ray
-        processes starting beside it pick ports too) tries again on a new port; a restart
-        keeps its port, as a real server's address does."""
-        first = self.proc is None
+        processes starting beside it pick ports too) tries again on a new port, unless
+        ``keep_port`` (a client already holds the address); a restart keeps its port, as a
+        real server's address does."""
+        first = self.proc is None and not keep_port
         for _ in range(3):
             try:
                 return self._start(timeout)

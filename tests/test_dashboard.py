@@ -3,7 +3,8 @@ MlflowTracker, read back through the REST API and rendered by a headless Chromiu
 
 The tracker is set up while the server is still down (its records are buffered and kept in
 a fallback file), then the server comes up and the search runs: everything arrives once,
-and the fallback file goes away. Ray starts once for this module (reused if running).
+and the fallback file goes away. Ray starts once for this module (reused if running), the
+server through ``mlflow_utils``.
 """
 from __future__ import annotations
 
@@ -11,16 +12,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tntsearch.tracking import TAG_PARETO, TAG_STATUS, TELEMETRY_ENV, MlflowTracker
+from mlflow_utils import MlflowServer
+from tntsearch.tracking import TAG_PARETO, TAG_STATUS, MlflowTracker
 
 import ray  # noqa: E402  (after tntsearch.tracking: MLflow telemetry is off before Ray starts)
 from ray import tune  # noqa: E402
@@ -58,59 +58,18 @@ def small_trainable(config):
                      "val_top1": acc, "val_top5": acc, "lr": 1e-3, "images_per_s": 50.0})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and everything it spawned (uvicorn, job consumers): its own process
-    group, which this test created with start_new_session."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
-    proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
+def dashboard(ray_session, tmp_path_factory):
     base = tmp_path_factory.mktemp("dashboard")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(base)
+    url = server.url
     tracker = MlflowTracker(url, EXPERIMENT, {"name": SEARCH_NAME, "train": {"epochs": 2}}, None, OBJECTIVES, 2,
                             fallback_path=base / "pending.jsonl", final_retry_s=30, max_backoff_s=1.0,
                             plot_every_s=3600)  # pictures once, at the end
     tracker.setup()  # the server is not up yet: buffered, and kept on disk
     buffered_while_down = (tracker.pending, tracker.parent_run_id, (base / "pending.jsonl").is_file())
-
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{base / 'server.db'}", "--artifacts-destination", str(base / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # No GenAI job workers (7 extra processes importing MLflow: ~3x slower start here).
-        env={**os.environ, **TELEMETRY_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    started_ray = not ray.is_initialized()
     try:
-        if started_ray:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-            time.sleep(0.5)
+        server.start(keep_port=True)  # the tracker already holds its address
         tune.Tuner(
             small_trainable, param_space=tune.grid_search(TRIALS),
             tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
@@ -118,10 +77,7 @@ def dashboard(tmp_path_factory):
         ).fit()
         yield {"url": url, "tracker": tracker, "base": base, "buffered_while_down": buffered_while_down}
     finally:
-        _stop(proc)
-        log.close()
-        if started_ray:
-            ray.shutdown()
+        server.stop()
 
 
 def _api(url: str, path: str, **kw):

@@ -10,7 +10,8 @@ import gc
 import json
 import os
 import pickle
-import socket
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from cluster_utils import free_port
 from tntsearch.data import (
     PipelineError,
     SafeLoader,
@@ -35,7 +37,7 @@ from tntsearch.data.__main__ import main
 from tntsearch.data.loaders import _image_pipeline, _label_pipeline, _ShardOrder
 from tntsearch.spec import DataSpec
 
-from ffcv.fields import IntField, RGBImageField
+from ffcv.fields import FloatField, IntField, RGBImageField
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.operation import Operation
@@ -70,12 +72,6 @@ def _read_raw(beton: Path) -> tuple[list[np.ndarray], np.ndarray]:
 
 def _spec(train: Path, val: Path, **kw) -> DataSpec:
     return DataSpec(train=str(train), val=str(val), **{"batch_size": 32, "num_workers": 1, **kw})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -228,6 +224,19 @@ def test_writer_failure_in_a_worker_is_raised_not_hung(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no half-written file left
 
 
+def test_damaged_jpeg_in_a_folder_names_the_file(tmp_path):
+    """A JPEG cut short (a failed copy): its header reads, its pixels do not."""
+    from PIL import Image
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "src" / "a" / "ok.jpg")
+    whole = (tmp_path / "src" / "a" / "ok.jpg").read_bytes()
+    (tmp_path / "src" / "a" / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.jpg: cannot read image \(.*[Tt]runcated"):
+        convert(tmp_path / "src", tmp_path / "out.beton", num_workers=1)
+    assert not (tmp_path / "out.beton").exists()
+
+
 @pytest.mark.parametrize(
     "source, error, match",
     [
@@ -269,6 +278,74 @@ def test_wrong_or_foreign_beton_is_refused(tmp_path, unique):
         make_loaders(_spec(tmp_path / "nope.beton", unique), 32, device="cpu")
     with pytest.raises(ValueError, match="wrong.beton"):
         make_loaders(_spec(unique, wrong), 32, device="cpu")
+
+
+def _damage(good: Path, out: Path, how: str) -> None:
+    if how == "truncated":  # a copy that stopped after its first 5,000 bytes
+        out.write_bytes(good.read_bytes()[:5000])
+    elif how == "foreign":  # another format's header on FFCV's data (a zip's magic number)
+        out.write_bytes(b"PK\x03\x04" + good.read_bytes()[4:])
+    elif how == "float_labels":
+        DatasetWriter(str(out), {"image": RGBImageField(), "label": FloatField()}, num_workers=1).from_indexed_dataset(
+            [(np.zeros((8, 8, 3), np.uint8), 0.5)])
+
+
+@pytest.mark.parametrize("how, field, what", [
+    ("truncated", "train", r"truncated: the per-sample index of its 1437 samples reaches byte \d+, but the file has 5000 bytes"),
+    ("foreign", "val", r"not an FFCV .beton file \(header format version 19280, FFCV writes 2\)"),
+    ("float_labels", "train", r"field label is FloatField, not IntField"),
+])
+def test_damaged_beton_stops_the_search_before_ray_with_one_line(digits, tmp_path, capsys, how, field, what):
+    """`python -m tntsearch.run` refuses a damaged file at spec load: exit 2, one line naming
+    the spec field, the path and what is wrong, and no Ray started."""
+    import ray
+
+    from search_utils import demo_spec
+    from tntsearch.run import main as run_main
+
+    files = tmp_path / "data"
+    files.mkdir()
+    for split, good in zip(("train", "val"), digits):
+        shutil.copy(good, files / f"{split}.beton")
+        shutil.copy(good.with_suffix(".classes.json"), files / f"{split}.classes.json")
+    damaged = files / f"{field}.beton"
+    _damage(digits[0], damaged, how)
+    spec = demo_spec(tmp_path, files, "damaged", num_samples=1, epochs=1)
+    capsys.readouterr()  # FFCV's progress bar from writing the float labels
+    assert run_main([str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(rf"error: data\.{field}: {re.escape(str(damaged))}: {what}.*\n", err), err
+    assert not ray.is_initialized()
+
+
+def test_damaged_data_region_is_found_by_decoding_the_first_image(tmp_path):
+    convert("synthetic", tmp_path / "j.beton", num_samples=4, num_classes=2, write_mode="jpg", num_workers=1)
+    reader = Reader(str(tmp_path / "j.beton"))
+    ptr = int(reader.metadata["f0"]["data_ptr"][0])
+    damaged = bytearray((tmp_path / "j.beton").read_bytes())
+    damaged[ptr:ptr + 64] = bytes(64)  # the JPEG's header zeroed: sizes and index still agree
+    (tmp_path / "bad.beton").write_bytes(damaged)
+    assert read_info(tmp_path / "j.beton").num_samples == 4
+    with pytest.raises(ValueError, match=r"bad.beton: field image: sample 0 does not decode as a 32x32 JPEG"):
+        read_info(tmp_path / "bad.beton")
+
+
+def test_trainer_cli_checks_the_same_way(digits, tmp_path, capsys):
+    """`python -m tntsearch.train` uses the same check (tntsearch.data.check_files)."""
+    from tntsearch.spec import SearchSpec
+    from tntsearch.trainer import main as train_main
+
+    _damage(digits[0], tmp_path / "cut.beton", "truncated")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SearchSpec.model_validate({
+        "name": "cut", "space": {"img_size": 32, "patch_size": 8, "num_classes": 10},
+        "objectives": [{"metric": "val_top1", "mode": "max", "ref": 0.0}],
+        "data": {"train": str(tmp_path / "cut.beton"), "val": str(digits[1])},
+    }).model_dump_json())
+    assert train_main([str(spec), "--arch", "tnt_ti"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: data.train: {tmp_path / 'cut.beton'}: truncated") and err.count("\n") == 1, err
 
 
 def test_cli_writes_with_progress_bar(tmp_path, capsys):
@@ -375,7 +452,7 @@ def _ddp_worker(rank: int, port: int, beton: str, out_dir: str) -> None:
 
 
 def test_ddp_ranks_see_disjoint_shards_covering_every_sample(unique, tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(unique), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(unique), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for epoch in range(2):
         shards = [r["train"][epoch] for r in ranks]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import socket
 import sqlite3
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster_utils import free_port
 from tntsearch import report
 from tntsearch.tracking import (
     MlflowTracker,
@@ -104,25 +104,9 @@ def run_search(trackers, storage: Path, names=tuple(TRIALS)):
     return tuner.fit()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spec(name="tiny"):
     return {"name": name, "objectives": [{"metric": m, "mode": d, "ref": r} for m, d, r in OBJECTIVES],
             "search": {"num_samples": len(TRIALS), "max_concurrent": 2}, "train": {"epochs": EPOCHS, "lr": 0.002}}
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +133,7 @@ def searched(ray_session, template_db, tmp_path_factory):
     spec_path.write_text("name: tiny\n# the spec file, logged verbatim\n")
     uri = _store(template_db, workdir)
     tracker = MlflowTracker(uri, "tiny-exp", _spec(), spec_path, OBJECTIVES, EPOCHS, final_retry_s=5)
-    offline = MlflowTracker(f"http://127.0.0.1:{_free_port()}", "offline-exp", _spec("offline"), None, OBJECTIVES, EPOCHS,
+    offline = MlflowTracker(f"http://127.0.0.1:{free_port()}", "offline-exp", _spec("offline"), None, OBJECTIVES, EPOCHS,
                             fallback_path=workdir / "pending.jsonl", final_retry_s=1.0, max_backoff_s=0.5)
     results = run_search([tracker, offline], workdir / "ray_results")
     names = {r.metrics["trial_id"]: r.config["name"] for r in results}
@@ -274,7 +258,7 @@ def test_report_rebuilds_the_front_from_mlflow(searched, tmp_path, capsys):
     search = report.load_search(uri, experiment="tiny-exp")
     assert search.parent_run_id == tracker.parent_run_id
     assert search.hypervolume == pytest.approx(HYPERVOLUME)
-    front = report.load_front(uri, run_id=tracker.parent_run_id)
+    front = report.load_search(uri, run_id=tracker.parent_run_id).front
     assert [names[r["trial_id"]] for r in front] == ["best", "baseline", "pruned"]  # best accuracy first
     assert front[0]["arch"] == _arch(TRIALS["best"]) and front[0]["run_id"]
     assert report.main(["--experiment", "tiny-exp", "--tracking-uri", uri, "--out", str(tmp_path / "pics")]) == 0
@@ -343,7 +327,7 @@ def test_tracker_pickles_without_its_client(searched):
     tracker = searched[0]
     copy = pickle.loads(pickle.dumps(tracker))
     assert copy.parent_run_id == tracker.parent_run_id and copy.rows() == tracker.rows()
-    assert copy._replayer is None
+    assert copy.outbox._replayer is None
 
 
 def test_resuming_a_run_that_does_not_exist_fails_before_anything_runs(template_db, tmp_path):

@@ -9,23 +9,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import ray
 import torch
 from ray.util.queue import Queue
 
 from tntsearch.model import get_config
 from tntsearch.spec import SearchSpec
-from tntsearch.train import (
-    TRAIN_METRICS,
-    ForwardReports,
-    NonFiniteLossError,
-    fit,
-    load_state,
-    main,
-    make_trainer,
-    resolve_arch,
-    resolve_precision,
-)
+from tntsearch.train import NONFINITE_CHECK_STEPS, TRAIN_METRICS, NonFiniteLossError, fit, load_state, resolve_precision
+from tntsearch.trainer import ForwardReports, main, make_trainer, resolve_arch
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +49,6 @@ def _spec(digits, storage, *, num_workers: int, lr: float = LR_PER_512, warmup_e
         "resources": {"num_workers": num_workers, "cpus_per_worker": 1, "max_failures": 0},
         "storage": str(storage),
     })
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _fit_collecting(trainer, queue) -> tuple[object, list[dict]]:
@@ -159,6 +139,44 @@ def test_nan_loss_fails_with_its_reason(digits, tmp_path):
             fit(ARCH, spec.data, spec.train, report=lambda metrics, state: pytest.fail("reported an epoch"))
     finally:
         torch.set_num_threads(threads)
+
+
+class _NanFromStep(torch.nn.Module):
+    """The model, whose training logits turn NaN from the given (1-based) forward pass on."""
+
+    def __init__(self, net: torch.nn.Module, step: int) -> None:
+        super().__init__()
+        self.net, self.step, self.calls = net, step, 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.net(images)
+        if not self.training:
+            return logits
+        self.calls += 1
+        return logits * float("nan") if self.calls >= self.step else logits
+
+
+@pytest.mark.parametrize("bad_step", [3, "last"])
+def test_nan_loss_is_found_without_a_check_every_step(digits, tmp_path, bad_step):
+    """The loop reads its non-finite flag every NONFINITE_CHECK_STEPS steps and at the end of
+    the epoch, not every step (each read waits for the GPU): the error still names the first
+    bad step, comes within NONFINITE_CHECK_STEPS steps of it, and no epoch is reported."""
+    spec = _spec(digits, tmp_path, num_workers=1, warmup_epochs=0)
+    steps = 1437 // GLOBAL_BATCH  # the digits train split, last partial batch dropped
+    step = steps if bad_step == "last" else bad_step
+    assert steps % NONFINITE_CHECK_STEPS, "the last step must fall between two checks"
+    model = None
+
+    def prepare(net):
+        nonlocal model
+        model = _NanFromStep(net, step)
+        return model
+
+    with pytest.raises(NonFiniteLossError, match=rf"^loss became nan at epoch 1 step {step} \(lr=\d"):
+        fit(ARCH, spec.data, spec.train, prepare_model=prepare,
+            report=lambda metrics, state: pytest.fail("reported an epoch"))
+    checked_at = min(steps, -(-step // NONFINITE_CHECK_STEPS) * NONFINITE_CHECK_STEPS)
+    assert model.calls == checked_at, (model.calls, step)
 
 
 # --- no Ray, no training ----------------------------------------------------------------

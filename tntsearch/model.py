@@ -32,6 +32,7 @@ __all__ = [
     "TNTConfig",
     "PRESETS",
     "get_config",
+    "parse_overrides",
     "SE",
     "Block",
     "TNTBlock",
@@ -229,6 +230,24 @@ def get_config(name_or_cfg: str | TNTConfig | Mapping[str, Any], **overrides: An
             and base.tnt_blocks == tuple(range(1, base.depth + 1))):
         overrides = {**overrides, "tnt_blocks": None}
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["depth=4", "tnt_blocks=[1,2]"]`` -> ``{"depth": 4, "tnt_blocks": [1, 2]}``: the
+    ``--set key=value`` arguments of the command lines, values parsed as YAML."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value; got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {key}: cannot parse value {value!r} ({str(exc).splitlines()[0]})") from None
+    return out
 
 
 # ---------------------------------------------------------------------------------------

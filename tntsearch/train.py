@@ -1,4 +1,4 @@
-"""Training one architecture: the paper's recipe (Table 3) as a Ray Train ``TorchTrainer``.
+"""Training one architecture with the paper's recipe (Table 3), free of Ray.
 
 Table 3 of Han et al. (TNT, from DeiT): AdamW, lr 1e-3 at batch 1024 (5e-4 per 512 images,
 scaled linearly with the global batch), cosine decay after a linear warm-up, weight decay
@@ -7,31 +7,24 @@ scaled linearly with the global batch), cosine decay after a linear warm-up, wei
 it with timm's and torch's parts: ``param_groups_weight_decay``, ``CosineLRScheduler``
 (stepped every optimizer step), ``SoftTargetCrossEntropy``, ``clip_grad_norm_``, autocast.
 
-Three layers, as in Ray's own examples:
-
-- :func:`fit` is Ray-free: it trains on whatever ``torch.distributed`` group exists (or
-  none) and calls ``report(metrics, state)`` once per epoch. Tests call it directly.
-- :func:`train_loop_per_worker` is the Ray Train loop: it turns the plain ``config`` dict
-  into typed configs, loads ``ray.train.get_checkpoint()`` and calls :func:`fit` with a
-  reporter that hands ``ray.train.report`` the metrics and a checkpoint.
-- :func:`make_trainer` builds the ``TorchTrainer`` from a spec (workers, resources,
-  failure handling); ``python -m tntsearch.train`` runs one architecture through it.
+It reads like Ray Train's example loops: set-up (:func:`make_optimizer`,
+:func:`make_schedule`, :func:`make_loss`), one epoch (:func:`train_epoch`),
+:func:`evaluate`, :func:`resume`, :func:`report_epoch`, and :func:`fit` tying them
+together on whatever ``torch.distributed`` group exists (or none). The Ray Train wrapper
+around :func:`fit` is ``tntsearch.trainer`` (see docs/design.md and docs/train.md).
 
 Every epoch reports ``epoch`` (1-based), ``train_loss``, ``val_loss``, ``val_top1`` and
 ``val_top5`` (percent, like the paper's tables, over the whole validation set across
-ranks), ``lr`` (of the epoch's last step) and ``images_per_s`` (training images per second
-over all ranks), merged with the caller's ``extra_metrics``.
+ranks), ``lr`` (of the epoch's last step), ``images_per_s`` (training images per second
+over all ranks) and ``epoch_time_s``, merged with the caller's ``extra_metrics``.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,34 +32,37 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from ray.train import UserCallback
 
 from tntsearch.model import TNTConfig, create_model, get_config
-from tntsearch.spec import DataSpec, SearchSpec, TrainSpec
+from tntsearch.spec import DataSpec, TrainSpec
 
 __all__ = [
     "CHECKPOINT_FILE",
+    "NONFINITE_CHECK_STEPS",
     "TRAIN_METRICS",
-    "ForwardReports",
     "NonFiniteLossError",
     "TrainingOOMError",
+    "Training",
     "resolve_precision",
-    "fit",
+    "make_optimizer",
+    "make_schedule",
+    "make_loss",
+    "train_epoch",
+    "evaluate",
     "load_state",
-    "train_loop_per_worker",
-    "make_trainer",
-    "resolve_arch",
-    "main",
+    "resume",
+    "report_epoch",
+    "fit",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-REPORT_POLL_INTERVAL_S = "0.2"  # how often Ray Train collects the workers' reports (see make_trainer)
 # What every epoch reports; ``extra_metrics`` may not reuse these names.
 TRAIN_METRICS = ("epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
+# The host looks at the device-side non-finite-loss flag every this many steps (and at the
+# end of each epoch), not every step: reading it waits for the GPU to catch up.
+NONFINITE_CHECK_STEPS = 8
 # DeiT's warm-up start (``--warmup-lr 1e-6``), reached linearly from here to the peak lr.
 _WARMUP_LR_INIT = 1e-6
-# Processes that MLflow may start on workers must not try to reach the internet.
-_WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 Report = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 
@@ -98,7 +94,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 # ---------------------------------------------------------------------------------------
-# Ray-free training
+# Set-up
 # ---------------------------------------------------------------------------------------
 
 def _world() -> tuple[int, int]:
@@ -123,7 +119,16 @@ def _default_prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _schedule(optimizer: torch.optim.Optimizer, recipe: TrainSpec, steps_per_epoch: int):
+def make_optimizer(net: nn.Module, recipe: TrainSpec, global_batch: int) -> torch.optim.AdamW:
+    """AdamW at ``recipe.lr`` per 512 images scaled to ``global_batch`` (DeiT's linear
+    scaling), without weight decay on norms, biases and ``net.no_weight_decay()``."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(net, recipe.weight_decay, no_weight_decay_list=net.no_weight_decay())
+    return torch.optim.AdamW(groups, lr=recipe.lr * global_batch / 512)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, recipe: TrainSpec, steps_per_epoch: int):
     """Per-step cosine decay to ``min_lr`` after a linear warm-up from 1e-6 (DeiT).
 
     The warm-up is capped at ``epochs - 1`` so that a short (ASHA-scaled) run still has a
@@ -143,15 +148,105 @@ def _schedule(optimizer: torch.optim.Optimizer, recipe: TrainSpec, steps_per_epo
     )
 
 
-def _oom(e: BaseException, arch: TNTConfig, data: DataSpec, world: int, device: torch.device, where: str):
-    return TrainingOOMError(
-        f"out of memory on {device} during {where} at data.batch_size={data.batch_size} per worker "
-        f"(global {data.batch_size * world}) for architecture {arch.to_dict()}: lower data.batch_size "
-        f"or constrain the architecture ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-    )
+def make_loss(recipe: TrainSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy with label smoothing for class indices; timm's soft-target
+    cross-entropy for Mixup/CutMix targets (the loader folds the smoothing into them)."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    hard, soft = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), SoftTargetCrossEntropy()
+    return lambda logits, targets: soft(logits, targets) if targets.ndim == 2 else hard(logits, targets)
 
 
-def _evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None, num_classes: int):
+@dataclass
+class Training:
+    """What one process trains with: ``model`` is what runs (maybe DDP-wrapped), ``net`` the
+    plain module whose state is saved; ``oom_context`` names batch and architecture for
+    out-of-memory messages."""
+
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    device: torch.device
+    amp: torch.dtype | None
+    clip_grad: float | None
+    global_batch: int
+    oom_context: str
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+
+    def oom(self, e: BaseException, where: str) -> TrainingOOMError:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return TrainingOOMError(f"out of memory on {self.device} during {where} {self.oom_context} ({reason})")
+
+
+# ---------------------------------------------------------------------------------------
+# One epoch, evaluation, checkpoints
+# ---------------------------------------------------------------------------------------
+
+def _raise_if_nonfinite(bad_step: torch.Tensor, bad_loss: torch.Tensor, lrs: Sequence[float], epoch: int,
+                        t: Training) -> None:
+    step = int(bad_step.item())  # the only host-device synchronisation of the loop
+    if step:
+        raise NonFiniteLossError(
+            f"loss became {bad_loss.item()} at epoch {epoch} step {step} (lr={lrs[step - 1]:.3g}, "
+            f"global batch {t.global_batch}): lower train.lr or set train.clip_grad")
+
+
+def train_epoch(t: Training, loader, epoch: int) -> dict[str, Any]:
+    """Train one epoch; return this rank's ``loss_sum`` (a device tensor), ``seen``,
+    ``elapsed`` (s) and the last step's ``lr``.
+
+    Non-finite losses are flagged on the device and the flag is read every
+    ``NONFINITE_CHECK_STEPS`` steps and at the end, so the host does not wait for the
+    device every step; the error names the first bad step, and an epoch with one never
+    reaches :func:`report_epoch`, so the last checkpoint stays good.
+    """
+    device = t.device
+    steps = len(loader)
+    t.model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad_step = torch.zeros((), dtype=torch.int64, device=device)  # 1-based; 0 = none yet
+    bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+    lrs: list[float] = []
+    seen = 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tic = time.perf_counter()
+    for step, (images, targets) in enumerate(loader, start=1):
+        t.scheduler.step_update(num_updates=(epoch - 1) * steps + step - 1)
+        lrs.append(t.optimizer.param_groups[0]["lr"])
+        try:
+            with t.autocast():
+                logits = t.model(images)
+            loss = t.loss_fn(logits.float(), targets)
+            t.optimizer.zero_grad(set_to_none=True)
+            t.scaler.scale(loss).backward()
+            if t.clip_grad is not None:
+                t.scaler.unscale_(t.optimizer)
+                nn.utils.clip_grad_norm_(t.net.parameters(), t.clip_grad)
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+        except torch.OutOfMemoryError as e:
+            raise t.oom(e, f"training (epoch {epoch} step {step})") from e
+        loss = loss.detach()
+        first = (bad_step == 0) & ~torch.isfinite(loss)
+        bad_step = torch.where(first, step, bad_step)
+        bad_loss = torch.where(first, loss, bad_loss)
+        loss_sum += loss.double() * len(images)
+        seen += len(images)
+        if step % NONFINITE_CHECK_STEPS == 0:
+            _raise_if_nonfinite(bad_step, bad_loss, lrs, epoch, t)
+    _raise_if_nonfinite(bad_step, bad_loss, lrs, epoch, t)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"loss_sum": loss_sum, "seen": seen, "elapsed": time.perf_counter() - tic, "lr": lrs[-1]}
+
+
+def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | None, num_classes: int):
     """Cross-entropy, top-1 and top-5 (percent) over the whole validation set.
 
     With more than one rank the loaders are sharded (``make_loaders(distributed=True)``:
@@ -189,9 +284,50 @@ def _evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype |
 
 
 def load_state(directory: str | os.PathLike) -> dict[str, Any]:
-    """The training state saved by :func:`train_loop_per_worker` in a checkpoint directory."""
+    """The training state that :func:`report_epoch` handed over, as saved in a checkpoint
+    directory (``CHECKPOINT_FILE``) by ``tntsearch.trainer``."""
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
+
+def _check_state_arch(state: Mapping[str, Any] | None, arch: TNTConfig) -> None:
+    if state is not None and dict(state["arch"]) != arch.to_dict():
+        raise ValueError(
+            f"the checkpoint holds architecture {dict(state['arch'])}, not {arch.to_dict()}: "
+            f"use a new run name for a new architecture")
+
+
+def resume(t: Training, state: Mapping[str, Any] | None) -> int:
+    """Load a state given to ``report`` before into ``t``; return its epoch (0 without one)."""
+    if state is None:
+        return 0
+    t.net.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"])
+
+
+def report_epoch(report: Report | None, t: Training, arch: TNTConfig, metrics: dict[str, Any]) -> None:
+    """``report(metrics, state)``; the state (live tensors: save or copy it) on rank 0 only."""
+    if report is None:
+        return
+    state = None
+    if _world()[0] == 0:
+        state = {
+            "epoch": metrics["epoch"],
+            "arch": arch.to_dict(),
+            "model": t.net.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "metrics": {k: metrics[k] for k in TRAIN_METRICS},
+        }
+    report(metrics, state)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
 
 def fit(
     arch: TNTConfig | Mapping[str, Any] | str,
@@ -229,9 +365,6 @@ def fit(
         NonFiniteLossError: the loss became NaN/inf (the message names epoch, step and lr).
         TrainingOOMError: a step ran out of memory (the message names batch size and arch).
     """
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import param_groups_weight_decay
-
     from tntsearch.data import make_loaders
 
     arch = get_config(arch)
@@ -242,10 +375,7 @@ def fit(
         raise ValueError(f"extra_metrics may not use the training metric names {clash}")
     if stop_epoch is not None and stop_epoch < 1:
         raise ValueError(f"stop_epoch must be >= 1 or None; got {stop_epoch}")
-    if start_state is not None and dict(start_state["arch"]) != arch.to_dict():
-        raise ValueError(
-            f"the checkpoint holds architecture {dict(start_state['arch'])}, not {arch.to_dict()}: "
-            f"use a new run name for a new architecture")
+    _check_state_arch(start_state, arch)
     rank, world = _world()
     amp = resolve_precision(recipe.precision, device)
 
@@ -257,30 +387,20 @@ def fit(
         data, arch.img_size, device=device, distributed=world > 1, seed=recipe.seed,
         num_classes=arch.num_classes, label_smoothing=recipe.label_smoothing, drop_last=True,
     )
-    steps = len(train_loader)
-    if steps == 0:
+    if len(train_loader) == 0:
         raise ValueError(
             f"data.batch_size={data.batch_size} is larger than the training set's share of one "
             f"worker: not a single full batch per epoch")
-
     global_batch = data.batch_size * world
-    peak_lr = recipe.lr * global_batch / 512
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(net, recipe.weight_decay, no_weight_decay_list=net.no_weight_decay()),
-        lr=peak_lr,
+    optimizer = make_optimizer(net, recipe, global_batch)
+    t = Training(
+        model=model, net=net, optimizer=optimizer, scheduler=make_schedule(optimizer, recipe, len(train_loader)),
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), loss_fn=make_loss(recipe),
+        device=device, amp=amp, clip_grad=recipe.clip_grad, global_batch=global_batch,
+        oom_context=(f"at data.batch_size={data.batch_size} per worker (global {global_batch}) for architecture "
+                     f"{arch.to_dict()}: lower data.batch_size or constrain the architecture"),
     )
-    scheduler = _schedule(optimizer, recipe, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    hard_loss = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    soft_loss = SoftTargetCrossEntropy()
-
-    start_epoch = 0
-    if start_state is not None:
-        net.load_state_dict(start_state["model"])
-        optimizer.load_state_dict(start_state["optimizer"])
-        scheduler.load_state_dict(start_state["scheduler"])
-        scaler.load_state_dict(start_state["scaler"])
-        start_epoch = int(start_state["epoch"])
+    start_epoch = resume(t, start_state)
     # NOTE: the loaders order epoch e by (seed, e), counting e from 0 in every new Loader;
     # starting the count at the resumed epoch gives a resumed run the order an unbroken run has.
     train_loader.next_epoch = start_epoch
@@ -288,45 +408,15 @@ def fit(
     last = recipe.epochs if stop_epoch is None else min(stop_epoch, recipe.epochs)
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch + 1, last + 1):
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         tic = time.perf_counter()
-        for step, (images, targets) in enumerate(train_loader, start=1):
-            scheduler.step_update(num_updates=(epoch - 1) * steps + step - 1)
-            lr = optimizer.param_groups[0]["lr"]
-            try:
-                with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                    logits = model(images)
-                logits = logits.float()
-                loss = soft_loss(logits, targets) if targets.ndim == 2 else hard_loss(logits, targets)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch} step {step} (lr={lr:.3g}, "
-                        f"global batch {global_batch}): lower train.lr or set train.clip_grad")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if recipe.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(net.parameters(), recipe.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-            except torch.OutOfMemoryError as e:
-                raise _oom(e, arch, data, world, device, f"training (epoch {epoch} step {step})") from e
-            loss_sum += loss.detach().double() * len(images)
-            seen += len(images)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - tic
-
+        trained = train_epoch(t, train_loader, epoch)
         try:
-            val_loss, val_top1, val_top5 = _evaluate(model, val_loader, device, amp, arch.num_classes)
+            val_loss, val_top1, val_top5 = evaluate(model, val_loader, device, amp, arch.num_classes)
         except torch.OutOfMemoryError as e:
-            raise _oom(e, arch, data, world, device, f"validation (epoch {epoch})") from e
-        total_loss, total_seen = _all_reduce([loss_sum.item(), seen], "sum", device)
-        max_elapsed, epoch_time = _all_reduce([elapsed, time.perf_counter() - tic], "max", device)
+            raise t.oom(e, f"validation (epoch {epoch})") from e
+        total_loss, total_seen = _all_reduce([trained["loss_sum"].item(), trained["seen"]], "sum", device)
+        max_elapsed, epoch_time = _all_reduce(
+            [trained["elapsed"], time.perf_counter() - tic], "max", device)
         metrics = {
             **extra,
             "epoch": epoch,
@@ -334,254 +424,19 @@ def fit(
             "val_loss": val_loss,
             "val_top1": val_top1,
             "val_top5": val_top5,
-            "lr": lr,
+            "lr": trained["lr"],
             "images_per_s": total_seen / max_elapsed,
             "epoch_time_s": epoch_time,  # training + validation, slowest rank
         }
         history.append(metrics)
-        if report is not None:
-            state = None
-            if rank == 0:
-                state = {
-                    "epoch": epoch,
-                    "arch": arch.to_dict(),
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "metrics": {k: metrics[k] for k in TRAIN_METRICS},
-                }
-            report(metrics, state)
+        report_epoch(report, t, arch, metrics)
     return history
 
 
-# ---------------------------------------------------------------------------------------
-# Ray Train
-# ---------------------------------------------------------------------------------------
-
-def _ray_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    """``ray.train.report`` on every rank; rank 0 attaches the checkpoint."""
-    import ray.train
-
-    if state is None:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train loop: ``config`` holds ``arch``, ``data``, ``train`` (plain dicts),
-    ``extra_metrics`` and ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``.
-    Every report also carries ``node_id``, the Ray node this worker runs on."""
-    arch = TNTConfig.from_dict(config["arch"])
-    data = DataSpec.model_validate(config["data"])
-    recipe = TrainSpec.model_validate(config["train"])
-    extra = config.get("extra_metrics") or {}
-    stop_epoch = config.get("stop_epoch")
-
-    import ray.train
-    import ray.train.torch
-
-    # NOTE: the Ray node that trains (rank 0's reaches Tune's results): every node of a
-    # one-machine cluster has the same ``node_ip``; the node id tells them apart.
-    extra = {**extra, "node_id": ray.get_runtime_context().get_node_id()}
-    start_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start_state = load_state(d)
-    fit(
-        arch, data, recipe,
-        device=ray.train.torch.get_device(),
-        report=_ray_report,
-        start_state=start_state,
-        extra_metrics=extra,
-        stop_epoch=stop_epoch,
-        prepare_model=ray.train.torch.prepare_model,
-    )
-
-
-def make_trainer(
-    arch: TNTConfig | Mapping[str, Any] | str,
-    spec: SearchSpec,
-    *,
-    name: str,
-    storage_path: str | os.PathLike | None = None,
-    extra_metrics: Mapping[str, Any] | None = None,
-    callbacks: Sequence[Any] | None = None,
-    stop_epoch: int | None = None,
-    num_to_keep: int | None = 2,
-):
-    """A ``TorchTrainer`` that trains ``arch`` with the spec's data, recipe and resources.
-
-    Running a trainer with the same ``name`` and ``storage_path`` again continues from the
-    run's latest checkpoint (Ray Train V2 keeps a snapshot of the run's checkpoints there);
-    a worker failure is retried ``spec.resources.max_failures`` times, each retry resuming
-    from the latest checkpoint. Pass ``callbacks=[TuneReportCallback()]`` inside a Tune trial.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    arch = get_config(arch)
-    r = spec.resources
-    resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        resources["GPU"] = r.gpus_per_worker
-    config = {
-        "arch": arch.to_dict(),
-        "data": spec.data.model_dump(mode="json"),
-        "train": spec.train.model_dump(mode="json"),
-        "extra_metrics": dict(extra_metrics or {}),
-        "stop_epoch": stop_epoch,
-    }
-    clash = sorted(set(config["extra_metrics"]) & set(TRAIN_METRICS))
-    if clash:
-        raise ValueError(f"extra_metrics may not use the training metric names {clash}")
-    # NOTE: Ray Train's controller collects reports when it polls its workers, every
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker blocks on its second
-    # unpolled report: epochs shorter than the interval waited for it (the demo's 0.9 s epochs
-    # took 2.1 s). ``fit`` hands this process's value to the controller; a user's value wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path if storage_path is not None else spec.storage),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-            callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": dict(_WORKER_ENV)},
-        ),
-    )
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-# Architecture parameters that the data fixes: taken from the spec's space when it fixes them.
-_DATA_BOUND = ("img_size", "patch_size", "num_classes")
-
-
-def resolve_arch(preset: str, spec: SearchSpec, overrides: Sequence[str] = ()) -> TNTConfig:
-    """The architecture ``python -m tntsearch.train`` trains: the preset, then the spec's fixed
-    ``img_size``/``patch_size``/``num_classes`` (the data decides them), then ``key=value``
-    overrides (values parsed as YAML: ``depth=4``, ``tnt_blocks=[1,2]``, ``se=outer``)."""
-    import yaml
-
-    fixed = {k: spec.space[k] for k in _DATA_BOUND if isinstance(spec.space.get(k), int)}
-    sets: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects key=value; got {item!r}")
-        try:
-            sets[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {key.strip()}: not a valid value: {e}") from None
-    return get_config(preset, **{**fixed, **sets})
-
-
-class ForwardReports(UserCallback):
-    """Puts the metrics of every report (rank 0's) on a ``ray.util.queue.Queue``, so that the
-    driver sees epochs as they finish (Ray Train callbacks run in its controller actor)."""
-
-    def __init__(self, queue) -> None:
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint) -> None:
-        self.queue.put(dict(metrics[0]))
-
-
-def _format(metrics: Mapping[str, Any]) -> str:
-    return (f"epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}"
-            f"  val_top1 {metrics['val_top1']:6.2f}%  val_top5 {metrics['val_top5']:6.2f}%"
-            f"  lr {metrics['lr']:.3g}  {metrics['images_per_s']:.1f} img/s")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m tntsearch.train",
-        description="Train one architecture with a spec's data, recipe and resources (Ray Train).")
-    p.add_argument("spec", help="search spec YAML (its data, train and resources sections are used)")
-    p.add_argument("--arch", required=True, help="preset name (tnt_ti, tnt_s, tnt_b, tnt_s_1..4, deit_s)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an architecture parameter (repeatable)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--stop-after", type=int, help="stop after this epoch; run again to resume")
-    p.add_argument("--name", help="run name under the spec's storage (default: train-ARCH); "
-                                  "an existing run of that name is resumed")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    os.environ.update(_WORKER_ENV)
-    try:
-        from tntsearch.spec import load_spec
-
-        spec = load_spec(args.spec)
-        if args.epochs is not None:
-            if args.epochs < 1:
-                raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
-            spec = spec.model_copy(update={"train": TrainSpec.model_validate(
-                {**spec.train.model_dump(), "epochs": args.epochs})})
-        arch = resolve_arch(args.arch, spec, args.sets)
-        if args.stop_after is not None and args.stop_after < 1:
-            raise ValueError(f"--stop-after must be >= 1; got {args.stop_after}")
-        for path in (spec.data.train, spec.data.val):
-            if "://" not in path and not Path(path).is_file():
-                raise FileNotFoundError(f"data file not found: {path}")
-    except (ValueError, FileNotFoundError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-
-    import ray
-    from ray.train import TrainingFailedError
-    from ray.util.queue import Empty, Queue
-
-    ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": dict(_WORKER_ENV)})
-    queue = Queue()
-    trainer = make_trainer(arch, spec, name=args.name or f"train-{args.arch}", stop_epoch=args.stop_after,
-                           callbacks=[ForwardReports(queue)])
-    print(f"training {args.arch} {arch.to_dict()}", flush=True)
-    outcome: dict[str, Any] = {}
-
-    def _run() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except TrainingFailedError as e:
-            outcome["error"] = e
-
-    runner = threading.Thread(target=_run, daemon=True)
-    runner.start()
-    while runner.is_alive() or not queue.empty():
-        try:
-            print(_format(queue.get(timeout=0.5)), flush=True)
-        except Empty:
-            pass
-    if "error" in outcome:
-        print(f"training failed: {_failure_reason(outcome['error'])}", file=sys.stderr)
-        return 1
-    result = outcome["result"]
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    return 0
-
-
-def _failure_reason(error: BaseException) -> str:
-    """The workers' own exception lines (e.g. ``NonFiniteLossError: loss became nan ...``)."""
-    failures = getattr(error, "worker_failures", None) or {}
-    for exc in failures.values():
-        cause = getattr(exc, "cause", None) or exc
-        return f"{type(cause).__name__}: {cause}".splitlines()[0]
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
-
-
 if __name__ == "__main__":
+    # ``python -m tntsearch.train`` (the Ray Train command line lives in tntsearch.trainer)
+    import sys
+
+    from tntsearch.trainer import main
+
     sys.exit(main())

@@ -2,7 +2,8 @@
 
 - `convert(source, out, ...)` / `python -m tntsearch.data convert SOURCE OUT.beton`: write
   an image folder, a `.npz`, CIFAR batches, or the built-in `digits` / `synthetic` sets.
-- `read_classes(beton)`, `read_info(beton)`: the class names and a checked description.
+- `read_classes(beton)`: the class names; `read_info(beton)`: a checked description;
+  `check_files(data_spec)`: both files of a spec checked, before Ray starts (`checking`).
 - `make_loaders(data_spec, img_size, device=...)`: the train/val FFCV loaders.
 - `clone_batch(batch)`: loaders reuse their batch buffers; clone what you keep.
 - `ffcv_fixes`: the FFCV 1.0.2 defects and their workarounds, in one place.
@@ -18,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 __all__ = [
     "BUILTIN_SOURCES",
     "BetonInfo",
+    "DataFileError",
     "PipelineError",
     "SafeLoader",
     "SafeWriter",
+    "check_files",
     "clone_batch",
     "convert",
     "make_loaders",
@@ -30,14 +33,16 @@ __all__ = [
 
 _HOME = {
     "BUILTIN_SOURCES": "writing", "BetonInfo": "writing", "convert": "writing",
-    "read_classes": "writing", "read_info": "writing",
+    "read_classes": "writing",
+    "DataFileError": "checking", "check_files": "checking", "read_info": "checking",
     "PipelineError": "ffcv_fixes", "SafeLoader": "ffcv_fixes", "SafeWriter": "ffcv_fixes",
     "clone_batch": "ffcv_fixes",
     "make_loaders": "loaders",
 }
 
 if TYPE_CHECKING:
-    from .writing import BUILTIN_SOURCES, BetonInfo, convert, read_classes, read_info
+    from .writing import BUILTIN_SOURCES, BetonInfo, convert, read_classes
+    from .checking import DataFileError, check_files, read_info
     from .ffcv_fixes import PipelineError, SafeLoader, SafeWriter, clone_batch
     from .loaders import make_loaders
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .writing import read_classes, read_info
+from .checking import read_info
+from .writing import read_classes
 from .ffcv_fixes import SafeLoader
 
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder

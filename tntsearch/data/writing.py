@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-# NOTE: FFCV (and torch, ~5 s) is imported inside `convert` and `read_info`, so that the
+# NOTE: FFCV (and torch, ~5 s) is imported inside `convert`, so that the
 # CLI answers bad input and --help at once; `.ffcv_fixes` goes first (thread counts).
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "BetonInfo",
     "convert",
     "read_classes",
-    "read_info",
 ]
 
 BUILTIN_SOURCES = ("digits", "synthetic")
@@ -397,27 +396,3 @@ def read_classes(beton_path: str | os.PathLike) -> list[str]:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: 'classes' must be a list of strings")
     return classes
-
-
-def read_info(beton_path: str | os.PathLike) -> BetonInfo:
-    """Check that a file is a tntsearch `.beton` (exactly the fields `image`, `label`) and describe it."""
-    path = Path(beton_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .beton file")
-    from . import ffcv_fixes  # noqa: F401 -- imports FFCV keeping the thread counts
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
-
-    try:
-        reader = Reader(str(path))
-    except Exception as exc:  # noqa: BLE001 -- FFCV raises assorted errors on foreign files
-        raise ValueError(f"{path}: not an FFCV .beton file ({type(exc).__name__}: {exc})") from exc
-    kinds = {name: type(handler).__name__ for name, handler in reader.handlers.items()}
-    if (set(kinds) != {"image", "label"} or not isinstance(reader.handlers["image"], RGBImageField)
-            or not isinstance(reader.handlers["label"], IntField)):
-        found = ", ".join(f"{n} ({k})" for n, k in kinds.items())
-        raise ValueError(f"{path}: expected fields image (RGBImageField) and label (IntField), found {found}")
-    if reader.num_samples == 0:
-        raise ValueError(f"{path}: holds no samples")
-    classes = tuple(read_classes(path)) if _classes_path(path).is_file() else ()
-    return BetonInfo(path, int(reader.num_samples), classes)
