@@ -34,6 +34,7 @@ class SearchOutcome:
 def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | None = None):
     """Load and check everything that needs no Ray; raise SpecError/FileNotFoundError."""
     from tntsearch.search import experiment_path
+    from tntsearch.data import check_files
     from tntsearch.space import check_space
     from tntsearch.spec import SpecError, load_spec
 
@@ -41,10 +42,7 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
     if num_samples is not None:
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": num_samples})})
     check_space(spec)
-    for field in ("train", "val"):
-        path = getattr(spec.data, field)
-        if "://" not in path and not Path(path).is_file():
-            raise FileNotFoundError(f"data.{field}: no such file {path} (write it with `python -m tntsearch.data convert`)")
+    check_files(spec.data)
     exists = Path(experiment_path(spec), "tuner.pkl").exists()
     if exists and not resume:
         raise SpecError(
