@@ -60,8 +60,9 @@ def _connect(address: str | None, verbose: bool) -> None:
     stay in Ray's log files unless ``verbose``: the progress view says what matters."""
     import ray
 
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}})
+    from tntsearch.tracking import TELEMETRY_ENV  # importing it sets it here; workers get it below
+
+    ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
 
 
 def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interval: float = 30.0) -> SearchOutcome:

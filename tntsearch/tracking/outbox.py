@@ -1,0 +1,311 @@
+"""Delivering the tracker's records to MLflow: in order, retried, kept on disk until delivered.
+
+Every write the tracker makes is a small JSON-able *record* (see :class:`RecordReplayer`)
+appended to an in-order log. :class:`Outbox` delivers them with an explicit
+``MlflowClient``; on a transient failure (server down, HTTP 5xx/429, SQLite busy) delivery
+stops, backs off, and is retried from the same record, so order is kept and nothing is
+dropped. Records still undelivered are also kept in a JSONL *fallback file* whenever
+delivery fails (rewritten atomically, removed once everything got through);
+``python -m tntsearch.report --import FILE`` replays it later. A record the store rejects
+for good (HTTP 4xx, e.g. a param changing value) is dropped with a warning and kept in
+:attr:`Outbox.dropped`. No Ray here: the Tune callback (``callback.py``) feeds this.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tntsearch.tracking.schema import MAX_TAG_LEN, TAG_TRIAL_ID
+from tntsearch.tracking.store import fail_fast_http
+
+__all__ = ["FALLBACK_FORMAT", "PARENT", "RecordReplayer", "Outbox", "search_children", "read_fallback", "is_transient"]
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_FORMAT = "tntsearch-mlflow-fallback"
+PARENT = "parent"  # the parent run's key; trials are "trial:<id>"
+_GIVE_UP_AFTER = 5  # failures of one record while the store answers other requests
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying later: unreachable server, HTTP 5xx or 429, a busy/locked database."""
+    if isinstance(e, MlflowException):
+        code = e.get_http_status_code()
+        return code >= 500 or code == 429
+    if isinstance(e, (OSError, TimeoutError)):  # requests' errors are OSErrors
+        return True
+    return type(e).__name__ in ("OperationalError", "DBAPIError")
+
+
+class RecordReplayer:
+    """Applies tracker records to one store, in order.
+
+    Runs are named by the tracker's keys (``"parent"``, ``"trial:<id>"``); ``run_ids`` maps
+    each key to the MLflow run created for it. Kinds of record (all JSON-able):
+    ``experiment`` (get or create), ``start`` (create a run, or reopen a known one),
+    ``resume`` (adopt an existing parent and its children), ``log`` (metrics, params, tags),
+    ``text`` (a text artifact), ``end`` (terminate a run).
+    """
+
+    def __init__(self, client: MlflowClient, run_ids: Mapping[str, str] | None = None, experiment_id: str | None = None):
+        self.client = client
+        self.run_ids: dict[str, str] = dict(run_ids or {})
+        self.experiment_id = experiment_id
+        self.adopted: list[Any] = []  # child runs found by a ``resume`` record
+
+    def apply(self, rec: Mapping[str, Any]) -> None:
+        getattr(self, "_" + rec["op"])(rec)
+
+    def _experiment(self, rec: Mapping[str, Any]) -> None:
+        exp = self.client.get_experiment_by_name(rec["name"])
+        if exp is None:
+            # The experiment kind makes MLflow 3's UI open on its model-training views.
+            self.experiment_id = self.client.create_experiment(
+                rec["name"], artifact_location=rec.get("artifact_location"),
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
+        else:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            self.experiment_id = exp.experiment_id
+
+    def _start(self, rec: Mapping[str, Any]) -> None:
+        tags = dict(rec.get("tags", {}))
+        key = rec["key"]
+        if key in self.run_ids:  # a trial restarted after a driver restore: same run
+            self.client.update_run(self.run_ids[key], status="RUNNING")
+            for k, v in tags.items():
+                self.client.set_tag(self.run_ids[key], k, v)
+            return
+        if rec.get("parent"):
+            tags["mlflow.parentRunId"] = self.run_ids[rec["parent"]]
+        run = self.client.create_run(self.experiment_id, start_time=rec.get("time"), tags=tags, run_name=rec.get("name"))
+        self.run_ids[key] = run.info.run_id
+
+    def _resume(self, rec: Mapping[str, Any]) -> None:
+        parent = self.client.get_run(rec["run_id"])
+        self.experiment_id = parent.info.experiment_id
+        self.run_ids[PARENT] = parent.info.run_id
+        self.client.update_run(parent.info.run_id, status="RUNNING")
+        children = search_children(self.client, parent.info.experiment_id, parent.info.run_id)
+        for run in children:
+            tid = run.data.tags.get(TAG_TRIAL_ID)
+            if tid:
+                self.run_ids.setdefault(f"trial:{tid}", run.info.run_id)
+        self.adopted = children
+
+    def _log(self, rec: Mapping[str, Any]) -> None:
+        run_id = self.run_ids[rec["key"]]
+        metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in rec.get("metrics", [])]
+        params = [Param(k, str(v)) for k, v in rec.get("params", {}).items()]
+        tags = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in rec.get("tags", {}).items()]
+        self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
+
+    def _text(self, rec: Mapping[str, Any]) -> None:
+        self.client.log_text(self.run_ids[rec["key"]], rec["text"], rec["artifact_file"])
+
+    def _end(self, rec: Mapping[str, Any]) -> None:
+        self.client.set_terminated(self.run_ids[rec["key"]], status=rec["status"], end_time=rec.get("time"))
+
+
+def search_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every child run of a parent (all pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def read_fallback(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Header and records of a fallback file written by :class:`Outbox`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fallback file not found: {path}")
+    lines = [ln for ln in path.read_bytes().decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("format") != FALLBACK_FORMAT:
+        raise ValueError(f"{path}: not a tntsearch tracking fallback file (first line must have format={FALLBACK_FORMAT!r})")
+    return header, [json.loads(ln) for ln in lines[1:]]
+
+
+class Outbox:
+    """The in-order log of records not yet delivered to ``tracking_uri``.
+
+    Args:
+        tracking_uri: the store (absolute).
+        fallback_path: where undelivered records are kept while delivery fails.
+        meta: more fields for the fallback file's header (experiment, objectives).
+        http_timeout_s: per-request timeout towards a tracking server.
+        max_backoff_s: the longest pause between delivery attempts during an outage.
+    """
+
+    def __init__(self, tracking_uri: str, fallback_path: str | os.PathLike[str], *, meta: Mapping[str, Any] | None = None,
+                 http_timeout_s: int = 10, max_backoff_s: float = 60.0):
+        self.tracking_uri = tracking_uri
+        self.fallback_path = Path(fallback_path)
+        self.meta = dict(meta or {})
+        self.http_timeout_s = int(http_timeout_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.records: deque[dict[str, Any]] = deque()  # not yet delivered, in order
+        self.delivered = 0  # how many were delivered (records are then forgotten)
+        self.seq = 0
+        self.run_ids: dict[str, str] = {}
+        self.experiment_id: str | None = None
+        self.dropped: list[dict[str, Any]] = []
+        self.adopted: list[Any] = []  # children of a resumed parent, for the caller to take
+        self._replayer: RecordReplayer | None = None
+        self._backoff = 0.0
+        self._next_attempt = 0.0
+        self._record_failures = 0
+        self._outage_logged = False
+        self._fallback_written = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_replayer"] = None  # holds a client with a DB engine or HTTP session
+        return state
+
+    def get_state(self) -> dict[str, Any]:
+        """What a restored search needs to go on (Tune experiment checkpoints)."""
+        self._sync()
+        return {"records": list(self.records), "delivered": self.delivered, "seq": self.seq,
+                "run_ids": dict(self.run_ids), "experiment_id": self.experiment_id}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.records = deque(state["records"])
+        self.delivered = int(state["delivered"])
+        self.seq = int(state.get("seq", self.delivered + len(self.records)))
+        self.run_ids = dict(state["run_ids"])
+        self.experiment_id = state.get("experiment_id")
+        self._replayer = None
+
+    @property
+    def pending(self) -> int:
+        """Records not yet delivered."""
+        return len(self.records)
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._get_replayer().client
+
+    def add(self, rec: dict[str, Any]) -> None:
+        rec["seq"] = self.seq
+        self.seq += 1
+        self.records.append(rec)
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver pending records in order; True when none is left. Without ``force``,
+        nothing is tried before the back-off after a failure has passed."""
+        if not self.records:
+            return True
+        if not force and time.monotonic() < self._next_attempt:
+            return False
+        with fail_fast_http(self.http_timeout_s):
+            try:
+                rep = self._get_replayer()
+            except Exception as e:  # noqa: BLE001 - the store could not even be opened
+                return self._failed(e)
+            while self.records:
+                rec = self.records[0]
+                try:
+                    rep.apply(rec)
+                except Exception as e:  # noqa: BLE001 - classified below
+                    if is_transient(e) and not self._give_up_on(e):
+                        return self._failed(e)
+                    if rec["op"] == "resume":
+                        raise ValueError(
+                            f"`resume_parent_run_id` {rec['run_id']!r} cannot be resumed in {self.tracking_uri}: {e}"
+                        ) from None
+                    logger.warning("MLflow rejected a %s record for %s, dropped: %s", rec["op"], rec.get("key"), e)
+                    self.dropped.append({"record": rec, "error": str(e)})
+                self.records.popleft()
+                self.delivered += 1
+                self._record_failures = 0
+                if rec["op"] == "resume":
+                    self.adopted = rep.adopted
+        self._sync()
+        if self._outage_logged:
+            logger.warning("MLflow store %s reachable again; all records delivered", self.tracking_uri)
+        self._backoff, self._next_attempt, self._outage_logged = 0.0, 0.0, False
+        if self._fallback_written:
+            self.fallback_path.unlink(missing_ok=True)
+            self._fallback_written = False
+        return True
+
+    def drain(self, timeout_s: float) -> bool:
+        """Keep delivering for up to ``timeout_s``; True when everything got through."""
+        deadline = time.monotonic() + timeout_s
+        while not self.flush(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(max(self._backoff, 0.5), left))
+        return True
+
+    def write_fallback(self) -> None:
+        """The undelivered records, and the runs they refer to that the store already has
+        (``run_ids``): with none, the file can be replayed into any store; otherwise into the
+        store the search used (see ``tntsearch.report.import_fallback``)."""
+        self._sync()
+        header = {
+            "format": FALLBACK_FORMAT, "version": 1, "tracking_uri": self.tracking_uri, **self.meta,
+            "run_ids": self.run_ids, "delivered": self.delivered, "written_at": datetime.now(timezone.utc).isoformat(),
+        }
+        self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.fallback_path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(header) + "\n")
+            for rec in self.records:
+                f.write(json.dumps(rec, default=str) + "\n")
+        os.replace(tmp, self.fallback_path)
+        self._fallback_written = True
+
+    def _sync(self) -> None:
+        if self._replayer is not None:
+            self.run_ids = self._replayer.run_ids
+            self.experiment_id = self._replayer.experiment_id
+
+    def _get_replayer(self) -> RecordReplayer:
+        if self._replayer is None:
+            self._replayer = RecordReplayer(MlflowClient(tracking_uri=self.tracking_uri), self.run_ids, self.experiment_id)
+        return self._replayer
+
+    def _give_up_on(self, e: BaseException) -> bool:
+        """A record that keeps failing while the store answers is bad, not unlucky."""
+        self._record_failures += 1
+        if self._record_failures < _GIVE_UP_AFTER:
+            return False
+        try:
+            self._get_replayer().client.search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - store down: keep the record
+            return False
+        return True
+
+    def _failed(self, e: BaseException) -> bool:
+        self._sync()
+        self._backoff = min(max(2 * self._backoff, 1.0), self.max_backoff_s)
+        self._next_attempt = time.monotonic() + self._backoff
+        if not self._outage_logged:
+            logger.warning("MLflow store %s unreachable (%s); buffering records and retrying", self.tracking_uri,
+                           str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
+            self._outage_logged = True
+        self.write_fallback()
+        return False
