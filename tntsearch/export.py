@@ -8,7 +8,7 @@
 The search is read back from MLflow (:func:`tntsearch.report.load_search`): its objectives,
 every trial, the front. One front point is picked (:func:`pick`), its weights are taken
 from the trial's last Ray Train checkpoint (or the architecture is re-trained for
-``--retrain-epochs`` with :func:`tntsearch.train.make_trainer`), and OUT_DIR receives
+``--retrain-epochs`` with :func:`tntsearch.trainer.make_trainer`), and OUT_DIR receives
 ``config.json`` (architecture + preprocessing + class names), ``model.safetensors``,
 ``model.torchscript.pt``, ``model.pt2`` (``torch.export``), ``model.onnx`` and a
 ``README.md`` model card. Every format is reloaded and checked against the eager model
@@ -299,11 +299,10 @@ def _retrain(arch: TNTConfig, spec: Any, epochs: int, label: str) -> tuple[dict[
     from ray.train import TrainingFailedError
 
     from tntsearch.search import experiment_path
-    from tntsearch.train import make_trainer
+    from tntsearch.data import check_files
+    from tntsearch.trainer import make_trainer
 
-    for path in (spec.data.train, spec.data.val):
-        if "://" not in path and not Path(path).is_file():
-            raise FileNotFoundError(f"--retrain-epochs: data file not found: {path}")
+    check_files(spec.data)
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": epochs})})
     started = not ray.is_initialized()
     if started:
