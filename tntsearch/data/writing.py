@@ -2,7 +2,10 @@
 
 Every file has two fields, `image` (`RGBImageField`) and `label` (`IntField`, a class
 index), and a sidecar `<stem>.classes.json` naming the classes in index order, which the
-loaders (number of classes for Mixup) and exported models (class names) read back.
+loaders (number of classes for Mixup) and exported models (class names) read back. Both are
+written to temporary names and renamed into place; the class list records the fingerprint
+of the `.beton` it was written with, and `read_classes` refuses it beside any other file
+(e.g. a `.beton` replaced by a run that died before renaming its class list).
 
 Class order, so that indices are stable across machines and runs:
 - image folders: sorted class-folder names (as torchvision's `ImageFolder`);
@@ -13,6 +16,7 @@ Class order, so that indices are stable across machines and runs:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -41,6 +45,9 @@ SPLITS = ("train", "val")
 # `smart` stores an image as JPEG when its raw pixels exceed this many bytes (a 256x256 RGB
 # image), else raw. FFCV's own default threshold (None) silently means "always raw".
 _SMART_THRESHOLD = 256 * 256 * 3
+# What a .beton's fingerprint reads (see _fingerprint): the first MiB and some samples' bytes.
+_FINGERPRINT_HEAD = 1 << 20
+_FINGERPRINT_SAMPLES = 64
 # Synthetic data: the seed of each split, so train and val are different draws of the same classes.
 _SYNTHETIC_SEEDS = {"train": 0, "val": 1}
 _DIGITS_VAL_FRACTION = 0.2
@@ -359,6 +366,7 @@ def convert(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    classes_tmp = _classes_path(out).with_name(f".{_classes_path(out).name}.{os.getpid()}.tmp")
     fields = {
         "image": RGBImageField(
             write_mode=write_mode,
@@ -372,11 +380,16 @@ def convert(
                         num_workers=min(workers, len(dataset)), desc=f"writing {out}")
     try:
         writer.from_indexed_dataset(dataset)
+        meta = {"classes": list(classes), "num_samples": len(dataset), "source": str(source), "split": split,
+                "beton": _fingerprint(tmp)}
+        classes_tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        # NOTE: two renames, not one transaction: a crash between them leaves the old class
+        # list beside the new file, which read_classes then refuses (fingerprints differ).
         os.replace(tmp, out)
+        os.replace(classes_tmp, _classes_path(out))
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"classes": list(classes), "num_samples": len(dataset), "source": str(source), "split": split}
-    _classes_path(out).write_text(json.dumps(meta, indent=1) + "\n")
+        classes_tmp.unlink(missing_ok=True)
     return BetonInfo(out, len(dataset), tuple(classes))
 
 
@@ -384,15 +397,50 @@ def _classes_path(beton: Path) -> Path:
     return beton.with_suffix(".classes.json")
 
 
+def _fingerprint(beton: Path) -> str:
+    """`<size>:<sha256>` of what tells two `.beton` files apart: the first MiB (header,
+    field table, the per-sample index with labels and data pointers), the allocation table,
+    and the stored bytes of up to `_FINGERPRINT_SAMPLES` samples spread over the file. A copy
+    keeps it, a rewrite from other data changes it, and it reads a few MiB whatever the size."""
+    from . import ffcv_fixes  # noqa: F401 -- imports FFCV keeping the thread counts
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    size = beton.stat().st_size
+    header = np.fromfile(beton, dtype=HeaderType, count=1)
+    table_ptr = int(header["alloc_table_ptr"][0]) if header.size else size
+    if not HeaderType.itemsize <= table_ptr <= size:
+        raise ValueError(f"{beton}: not an FFCV .beton file (its allocation table would start at byte {table_ptr} "
+                         f"of {size})")
+    alloc = np.fromfile(beton, dtype=ALLOC_TABLE_TYPE, offset=table_ptr)
+    digest = hashlib.sha256()
+    with open(beton, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_HEAD))
+        digest.update(alloc.tobytes())
+        for i in np.unique(np.linspace(0, len(alloc) - 1, min(len(alloc), _FINGERPRINT_SAMPLES)).astype(int)):
+            f.seek(int(alloc["ptr"][i]))
+            digest.update(f.read(min(int(alloc["size"][i]), _FINGERPRINT_HEAD)))
+    return f"{size}:{digest.hexdigest()}"
+
+
 def read_classes(beton_path: str | os.PathLike) -> list[str]:
-    """Class names in label order, from the `<stem>.classes.json` beside a `.beton`."""
+    """Class names in label order, from the `<stem>.classes.json` beside a `.beton`.
+
+    Raises:
+        FileNotFoundError: no class list (or no `.beton`) there.
+        ValueError: the class list is malformed, or was written with another `.beton` than
+            the one beside it.
+    """
     path = _classes_path(Path(beton_path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no class list beside {beton_path} (written by tntsearch.data convert)")
     try:
-        classes = json.loads(path.read_text())["classes"]
+        meta = json.loads(path.read_text())
+        classes = meta["classes"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a class list ({exc})") from exc
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise ValueError(f"{path}: 'classes' must be a list of strings")
+    if meta.get("beton") != _fingerprint(Path(beton_path)):
+        raise ValueError(f"{path}: written with another version of {beton_path} (size or contents differ); "
+                         "write both again with `python -m tntsearch.data convert`")
     return classes
