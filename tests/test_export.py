@@ -3,9 +3,9 @@
 Two tiny architectures (a TNT hybrid and a DeiT) are trained for one epoch on the digits
 .beton with ``tntsearch.train.fit``; their states are saved where a search keeps them (Ray
 Train's ``checkpoint_*`` folders under ``<storage>/<name>/train/train-<trial_id>``, or
-named by the child run's ``checkpoint`` tag). The search's MLflow records are written by
-the real ``MlflowTracker`` driven through its Tune hooks, with each trial's true metrics.
-Exports are reloaded with safetensors, TorchScript, torch.export, onnxruntime and the MLflow
+anywhere, named by the child run's ``tntsearch.checkpoint_uri`` tag). The search's MLflow
+records are written by the real ``MlflowTracker`` driven through its Tune hooks, with each
+trial's true metrics. Exports are reloaded with safetensors, TorchScript, torch.export, onnxruntime and the MLflow
 registry, and compared with the model rebuilt from the checkpoint. Pick rules are checked
 on fronts whose answers are worked out by hand in the comments.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from tntsearch.tracking import TAG_STATUS, MlflowTracker, prepare_store  # first: MLflow telemetry off
+from tntsearch.tracking import TAG_CHECKPOINT_URI, TAG_STATUS, MlflowTracker, prepare_store  # first: MLflow telemetry off
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -187,7 +188,7 @@ def world(tmp_path_factory):
         fit(arch, spec.data, spec.train, report=lambda m, s: kept.append(s))
         states[tid] = kept[-1]
     uri = prepare_store(f"sqlite:///{root / 'mlflow.db'}")
-    # t_tnt: found by the Ray Train layout; t_deit: named by the `checkpoint` tag.
+    # t_tnt: found by the Ray Train layout; t_deit: named by the checkpoint URI tag.
     train_dir = Path(spec.storage) / spec.name / "train"
     _save_checkpoint({**states["t_tnt"], "epoch": 0}, train_dir / "train-t_tnt" / "checkpoint_2026-01-01_00-00-00.000000")
     _save_checkpoint(states["t_tnt"], train_dir / "train-t_tnt" / "checkpoint_2026-01-01_00-00-09.000000")
@@ -196,7 +197,7 @@ def world(tmp_path_factory):
     lost = get_config(ARCHS["t_tnt"], inner_dim=16)  # completed, but its checkpoint is gone
     parent = _log_search(uri, spec, [
         ("t_tnt", _results(ARCHS["t_tnt"], metrics["t_tnt"]), {}),
-        ("t_deit", _results(ARCHS["t_deit"], metrics["t_deit"]), {ex.TAG_CHECKPOINT: str(deit_ckpt)}),
+        ("t_deit", _results(ARCHS["t_deit"], metrics["t_deit"]), {TAG_CHECKPOINT_URI: deit_ckpt.as_uri()}),
         ("t_lost", _results(lost, {**metrics["t_tnt"], "val_top1": 0.0}), {}),
         ("t_infeasible", _results(get_config(ARCHS["t_tnt"], outer_dim=64), {}, feasible=False), {}),
         ("t_crashed", None, {}),
@@ -307,7 +308,7 @@ def test_run_id_export_moves_the_alias(world, tmp_path, capsys):
     config = ex.read_config(out)
     assert config["source"]["pick"] == "run id"
     if other == "t_deit":
-        assert config["source"]["checkpoint"] == str(world["deit_checkpoint"])
+        assert config["source"]["checkpoint"] == world["deit_checkpoint"].as_uri()
 
 
 @pytest.mark.parametrize("case", ["no-finished-trials", "nothing-satisfies", "missing-checkpoint",
@@ -346,7 +347,7 @@ def test_failure_after_writing_keeps_the_old_out_dir(world, tmp_path):
     uri = prepare_store(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
     spec = world["spec"]
     _log_search(uri, spec, [("t_deit", _results(ARCHS["t_deit"], world["states"]["t_deit"]["metrics"]),
-                             {ex.TAG_CHECKPOINT: str(world["deit_checkpoint"])})])
+                             {TAG_CHECKPOINT_URI: world["deit_checkpoint"].as_uri()})])
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(spec.experiment)
     artifacts = Path(experiment.artifact_location.removeprefix("file://"))
@@ -361,6 +362,92 @@ def test_failure_after_writing_keeps_the_old_out_dir(world, tmp_path):
         ex.export(out, run_id=run_id, spec=world["spec_file"], tracking_uri=uri, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert _leftovers(out) == []
+
+
+def test_checkpoint_uri_tag_is_read_through_pyarrow(world, tmp_path):
+    """A run tagged with its checkpoint's URI is read from there (pyarrow's filesystem for
+    the scheme, as Ray Train's storage uses it), not from the spec's storage; a tag naming
+    nothing is an error that names the tag."""
+    from tntsearch.report import load_search
+
+    client = MlflowClient(world["uri"])
+    row = next(r for r in load_search(world["uri"], experiment="digits").rows if r["trial_id"] == "t_deit")
+    row = {**row, "tags": client.get_run(row["run_id"]).data.tags}
+    uri = world["deit_checkpoint"].as_uri()
+    assert uri.startswith("file:///") and ex.find_checkpoint(row, None) == uri
+    state = ex.read_state(uri)
+    for k, v in world["states"]["t_deit"]["model"].items():
+        assert torch.equal(state["model"][k], v), k
+    gone = {**row, "tags": {TAG_CHECKPOINT_URI: (tmp_path / "gone").as_uri()}}
+    with pytest.raises(FileNotFoundError, match="tntsearch.checkpoint_uri"):
+        ex.find_checkpoint(gone, world["spec"])
+
+
+def test_a_failed_publish_leaves_the_champion_alias_where_it_was(world, tmp_path):
+    """The alias moves last. OUT_DIR cannot be replaced here (the name its old content is
+    moved aside to, ``.model.old-<pid>``, is a non-empty folder): the new version is
+    registered, but ``champion`` still names the version it named before and OUT_DIR keeps
+    its content."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(world["uri"])
+
+    def champion() -> str | None:
+        try:
+            return client.get_model_version_by_alias("tnt-digits", "champion").version
+        except MlflowException:  # no alias (or no model) yet: this test ran alone
+            return None
+
+    def versions() -> set[str]:
+        try:
+            return {v.version for v in client.search_model_versions("name = 'tnt-digits'")}
+        except MlflowException:
+            return set()
+
+    before, known = champion(), versions()
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("previous export")
+    blocker = out.with_name(f".{out.name}.old-{os.getpid()}")
+    blocker.mkdir()
+    (blocker / "x").write_text("in the way")
+    with pytest.raises(OSError):
+        ex.export(out, experiment="digits", tracking_uri=world["uri"], overwrite=True)
+    assert len(versions() - known) == 1  # registered before publishing...
+    assert champion() == before  # ...but not promoted
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert _leftovers(out) == [blocker.name]
+
+
+def test_a_class_list_beside_another_beton_is_refused(world, tmp_path, capsys):
+    """A ``.beton`` replaced while its class list stayed (a convert that died between its two
+    renames): the stale list is refused, by ``read_classes`` and by export (exit 2), instead
+    of naming the new file's classes with the old names or with label indices."""
+    from tntsearch.data import convert, read_classes
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        beton = Path(getattr(world["spec"].data, split))
+        for f in (beton, beton.with_suffix(".classes.json")):
+            shutil.copy(f, data / f.name)  # a copy (new mtime) keeps its class list valid
+    val = data / "digits_val.beton"
+    assert read_classes(val) == [str(d) for d in range(10)]
+    convert("synthetic", tmp_path / "other.beton", split="val", num_samples=20, num_classes=10, img_size=16,
+            num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "other.beton", "other.classes.json"]  # no temp left
+    os.replace(tmp_path / "other.beton", val)
+    with pytest.raises(ValueError, match="written with another version"):
+        read_classes(val)
+    spec = world["spec"].model_copy(update={"data": world["spec"].data.model_copy(
+        update={"train": str(data / "digits_train.beton"), "val": str(val)})})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    rc = ex.main(["--run-id", world["runs"]["t_tnt"].info.run_id, "--spec", str(spec_file), "--no-mlflow",
+                  "--tracking-uri", world["uri"], str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "digits_val.classes.json: written with another version" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -1,10 +1,9 @@
-"""Non-dominated sorting and hypervolume against hand-computed fronts, a brute-force grid
-reference, and Optuna's own (private) WFG implementation; plus the front's pictures."""
+"""Non-dominated filtering and hypervolume (moocore underneath) against hand-computed fronts,
+the definition of dominance, a brute-force grid reference, and Optuna's own (private) WFG
+implementation; plus the report's front table."""
 from __future__ import annotations
 
 import itertools
-import json
-
 import numpy as np
 import pytest
 
@@ -14,11 +13,8 @@ from tntsearch.pareto import (
     as_objectives,
     front_hypervolume,
     front_mask,
-    front_ranks,
     hypervolume,
-    non_dominated_sort,
     pareto_mask,
-    plot_pairs,
     to_minimisation,
 )
 
@@ -38,58 +34,66 @@ def _grid_hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
     return total
 
 
-def _fronts_as_sets(fronts):
-    return [set(f.tolist()) for f in fronts]
+def _peeled_fronts(points: np.ndarray) -> list[set[int]]:
+    """Fronts by repeated filtering: front r is the non-dominated set of what fronts 0..r-1
+    leave (Deb et al.'s NSGA-II sort)."""
+    left, fronts = np.arange(len(points)), []
+    while left.size:
+        mask = pareto_mask(points[left])
+        fronts.append(set(left[mask].tolist()))
+        left = left[~mask]
+    return fronts
 
 
-# -- non-dominated sorting -------------------------------------------------------------
+# -- non-dominated filtering ------------------------------------------------------------
 
 
-def test_sort_hand_case_with_duplicates_and_ties():
+def test_mask_hand_case_with_duplicates_and_ties():
     pts = np.array([(1, 5), (2, 2), (5, 1), (3, 3), (4, 4), (2, 2), (6, 6), (1, 6)], dtype=float)
     # (2,2) appears twice: duplicates never dominate each other, both stay on front 0.
     # (1,6) ties (1,5) on the first objective and is worse on the second: dominated.
-    assert _fronts_as_sets(non_dominated_sort(pts)) == [{0, 1, 2, 5}, {3, 7}, {4}, {6}]
-    assert front_ranks(pts).tolist() == [0, 0, 0, 1, 2, 0, 3, 1]
     assert pareto_mask(pts).tolist() == [True, True, True, False, False, True, False, False]
+    assert _peeled_fronts(pts) == [{0, 1, 2, 5}, {3, 7}, {4}, {6}]
 
 
-def test_sort_three_objectives_hand_case():
+def test_mask_three_objectives_hand_case():
     pts = np.array([(1, 2, 3), (2, 1, 3), (3, 3, 1), (2, 2, 3), (3, 3, 3), (1, 2, 3)], dtype=float)
     # (2,2,3) is dominated by (1,2,3) and (2,1,3); (3,3,3) by everything above it.
-    assert _fronts_as_sets(non_dominated_sort(pts)) == [{0, 1, 2, 5}, {3}, {4}]
+    assert _peeled_fronts(pts) == [{0, 1, 2, 5}, {3}, {4}]
 
 
-def test_sort_matches_the_definition_on_random_points():
+def test_mask_matches_the_definition_on_random_points():
     rng = np.random.default_rng(0)
     for k in (2, 3, 4):
         pts = rng.integers(0, 5, size=(40, k)).astype(float)  # small ints: many ties/duplicates
-        fronts = non_dominated_sort(pts)
-        assert sorted(np.concatenate(fronts).tolist()) == list(range(40))
+        fronts = _peeled_fronts(pts)
+        assert sorted(itertools.chain.from_iterable(fronts)) == list(range(40))
         for r, front in enumerate(fronts):
             for i, j in itertools.product(front, front):
                 assert not pareto.dominates(pts[i], pts[j])
             if r:
                 for j in front:
                     assert any(pareto.dominates(pts[i], pts[j]) for i in fronts[r - 1])
-        assert np.array_equal(pareto_mask(pts), front_ranks(pts) == 0)
+        # Front 0 is exactly the set of points no other point dominates.
+        expected = [not any(pareto.dominates(pts[i], pts[j]) for i in range(40)) for j in range(40)]
+        assert pareto_mask(pts).tolist() == expected
 
 
 def test_modes_flip_maximised_columns_at_the_boundary():
     # (accuracy max, MACs min): (0.8, 4) and (0.5, 2) trade off; (0.5, 3) is dominated by (0.5, 2).
     pts = np.array([(0.8, 4.0), (0.5, 2.0), (0.5, 3.0)])
     assert pareto_mask(pts, ["max", "min"]).tolist() == [True, True, False]
-    assert front_ranks(pts, ["max", "min"]).tolist() == [0, 0, 1]
+    assert _peeled_fronts(to_minimisation(pts, ["max", "min"])) == [{0, 1}, {2}]
     assert pareto_mask(pts).tolist() == [False, True, False]  # all minimised: (0.5, 2) dominates
     assert hypervolume(pts, [0.0, 10.0], ["max", "min"]) == pytest.approx(5.8)  # see the hand case below
     with pytest.raises(ValueError, match="modes"):
         pareto_mask(pts, ["max", "maximise"])
 
 
-def test_sort_rejects_missing_values():
+def test_mask_rejects_missing_values():
     with pytest.raises(ValueError, match="finite"):
-        non_dominated_sort(np.array([[1.0, np.nan], [0.0, 1.0]]))
-    assert non_dominated_sort(np.zeros((0, 2))) == []
+        pareto_mask(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    assert pareto_mask(np.zeros((0, 2))).tolist() == []
 
 
 # -- hypervolume ----------------------------------------------------------------------
@@ -184,43 +188,6 @@ def test_front_mask_leaves_rows_with_missing_values_off():
     ]
     assert front_mask(rows, objs).tolist() == [False, True, False, False]
     assert front_hypervolume(rows, objs) == pytest.approx(0.7 * 100.0)
-
-
-# -- plots ----------------------------------------------------------------------------
-
-
-def _rows():
-    rows = []
-    for i, (acc, macs, params, thr, blocks) in enumerate(
-        [(0.7, 1e6, 1e5, 900.0, []), (0.8, 2e6, 2e5, 500.0, [1, 2]), (0.75, 3e6, 3e5, 400.0, [2]), (0.2, 5e5, 5e4, float("nan"), [1])]
-    ):
-        rows.append({
-            "name": f"trial_{i}", "status": "completed", "baseline": "tiny_vit" if i == 0 else "",
-            "arch": {"outer_dim": 64, "depth": 2, "inner_dim": 8 * (i + 1), "words": 4, "se": "none", "tnt_blocks": blocks},
-            "metrics": {"val_top1": acc, "macs": macs, "params": params, "throughput": thr, "feasible": 1.0},
-        })
-    return rows
-
-
-def test_plot_pairs_put_accuracy_against_every_cost_and_objective():
-    assert plot_pairs([("val_top1", "max", 0), ("macs", "min", 1)]) == [
-        ("macs", "val_top1"), ("params", "val_top1"), ("throughput", "val_top1")]
-    assert plot_pairs([("val_top5", "max", 0), ("val_loss", "min", 9)])[-1] == ("val_loss", "val_top5")
-
-
-def test_pictures_and_interactive_page(tmp_path):
-    objs = [("val_top1", "max", 0.0), ("macs", "min", 4e6)]
-    pngs = pareto.write_front_pngs(_rows(), objs, tmp_path, title="t")
-    assert [p.name for p in pngs] == ["val_top1_vs_macs.png", "val_top1_vs_params.png", "val_top1_vs_throughput.png"]
-    for p in pngs:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
-    page = pareto.write_front_html(_rows(), objs, tmp_path / "front.html", title="demo", hypervolume_value=2.4e6).read_text()
-    assert page.count("<script") >= 3 and "Plotly.newPlot" in page
-    assert len(page) > 1_000_000  # plotly.js is inlined, so the page renders offline
-    # Hover text carries the architecture and the baseline's name.
-    assert "tnt_blocks: 1,2" in page and "baseline: tiny_vit" in page and "inner_dim: 16" in page
-    assert "3 on the Pareto front" in page
-    json.dumps(_rows())  # rows are plain JSON-able data
 
 
 def test_front_table_reads_best_first_on_the_first_objective():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tntsearch import pareto
+from tntsearch import pareto, plots
 from tntsearch.tracking import (  # first: disables MLflow telemetry before MLflow is imported
     PARAM_EPOCHS,
     PARAM_OBJECTIVES,
@@ -48,7 +48,6 @@ __all__ = [
     "default_tracking_uri",
     "find_parent_run",
     "load_search",
-    "load_front",
     "front_table",
     "write_plots",
     "import_fallback",
@@ -136,15 +135,6 @@ def load_search(
     return SearchResult(parent.info.run_id, parent.info.experiment_id, parent.info.run_name or "", objectives, epochs, rows)
 
 
-def load_front(
-    tracking_uri: str | None = None, *, experiment: str | None = None, run_id: str | None = None
-) -> list[dict[str, Any]]:
-    """The current front of a search, for export: dicts with ``run_id`` (the child run),
-    ``trial_id``, ``name``, ``arch`` (``TNTConfig.from_dict``-ready), ``metrics``,
-    ``baseline`` and ``status``; best first by the first objective."""
-    return load_search(tracking_uri, experiment=experiment, run_id=run_id).front
-
-
 def _sorted(rows: list[dict[str, Any]], objectives: Sequence[pareto.Objective]) -> list[dict[str, Any]]:
     first = objectives[0]
 
@@ -201,9 +191,9 @@ def write_plots(search: SearchResult, out_dir: str | os.PathLike[str]) -> list[P
     """The front's PNGs and interactive page (``front.html``) into ``out_dir``."""
     out = Path(out_dir)
     cands = search.candidates
-    paths = pareto.write_front_pngs(cands, search.objectives, out, title=search.name)
-    paths.append(pareto.write_front_html(cands, search.objectives, out / "front.html", title=search.name,
-                                         hypervolume_value=search.hypervolume))
+    paths = plots.write_front_pngs(cands, search.objectives, out, title=search.name)
+    paths.append(plots.write_front_html(cands, search.objectives, out / "front.html", title=search.name,
+                                        hypervolume_value=search.hypervolume))
     return paths
 
 
