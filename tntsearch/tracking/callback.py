@@ -30,7 +30,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from tntsearch import pareto
+from tntsearch import pareto, plots
 from tntsearch.tracking.outbox import PARENT, Outbox, is_transient
 from tntsearch.tracking.schema import (
     MAX_PARAM_LEN,
@@ -66,8 +66,8 @@ def publish_front(
     hv = pareto.front_hypervolume(rows, objs)
     mask = pareto.front_mask(rows, objs)
     with tempfile.TemporaryDirectory(prefix="tntsearch-front-") as tmp:
-        pareto.write_front_pngs(rows, objs, tmp, title=title)
-        pareto.write_front_html(rows, objs, Path(tmp) / "front.html", title=title, hypervolume_value=hv)
+        plots.write_front_pngs(rows, objs, tmp, title=title)
+        plots.write_front_html(rows, objs, Path(tmp) / "front.html", title=title, hypervolume_value=hv)
         table = {
             "objectives": [o.to_list() for o in objs],
             "hypervolume": hv,

@@ -26,6 +26,7 @@ __all__ = [
     "TAG_TRIAL_ID",
     "TAG_BASELINE",
     "TAG_INFEASIBLE",
+    "TAG_CHECKPOINT_URI",
     "CONSTRAINT_PREFIX",
     "PARAM_OBJECTIVES",
     "PARAM_EPOCHS",
@@ -50,6 +51,7 @@ TAG_ARCH = "tntsearch.arch"  # the TNTConfig dict as JSON: exact round trip for 
 TAG_TRIAL_ID = "ray.trial_id"
 TAG_BASELINE = "baseline"  # preset name of a baseline trial, "" otherwise
 TAG_INFEASIBLE = "infeasible_reason"  # which constraints an infeasible trial broke, and by how much
+TAG_CHECKPOINT_URI = "tntsearch.checkpoint_uri"  # the trial's last Ray Train checkpoint (path or URI); export reads it
 CONSTRAINT_PREFIX = "constraint_"  # relative constraint values the search reports (> 0: violated)
 PARAM_OBJECTIVES = "tntsearch.objectives"  # JSON [[metric, mode, ref], ...] on the parent
 PARAM_EPOCHS = "tntsearch.epochs"
