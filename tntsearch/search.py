@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from typing import Any
 
@@ -41,11 +42,26 @@ __all__ = [
 
 
 
+class _NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NOTE: Optuna 5.1's genetic samplers hold a ``threading.Lock`` (``_thread_lock``) and
+    cannot be pickled, but Tune pickles the searcher into ``tuner.pkl`` and every experiment
+    snapshot (a search would not even start). The lock is left out and made anew."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named by ``search.algorithm``, seeded."""
     s = spec.search
     if s.algorithm == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
+        return _NSGAIISampler(population_size=s.population_size, seed=s.seed)
     if s.algorithm == "tpe":
         return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
     return optuna.samplers.RandomSampler(seed=s.seed)
