@@ -1,13 +1,17 @@
 """``python -m tntsearch.run SPEC.yaml``: validate, connect to Ray, search, summarise.
 
 Everything that can be checked before Ray starts is checked first (spec, space, data
-paths, an existing experiment), so a bad spec costs nothing and exits with code 2.
+paths, an existing experiment, a resumed search's sample count), so a bad spec costs
+nothing and exits with code 2. An interrupted search exits 130 (Ctrl-C) or 143 (SIGTERM)
+with Tune's state saved; ``--resume`` continues it (docs/faults.md).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,8 @@ from typing import Any
 __all__ = ["SearchOutcome", "prepare", "search", "main"]
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 @dataclass
@@ -32,8 +37,13 @@ class SearchOutcome:
 
 
 def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | None = None):
-    """Load and check everything that needs no Ray; raise SpecError/FileNotFoundError."""
-    from tntsearch.search import experiment_path
+    """Load and check everything that needs no Ray; raise SpecError/FileNotFoundError.
+
+    A resumed search keeps the sample count it was started with (Tune's restore keeps it):
+    ``num_samples`` must then be that count or None."""
+    from ray.tune import Tuner
+
+    from tntsearch.search import experiment_path, saved_num_samples
     from tntsearch.data import check_files
     from tntsearch.space import check_space
     from tntsearch.spec import SpecError, load_spec
@@ -43,7 +53,8 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": num_samples})})
     check_space(spec)
     check_files(spec.data)
-    exists = Path(experiment_path(spec), "tuner.pkl").exists()
+    # Tune's own test, through pyarrow: works for s3:// and other remote storage too.
+    exists = Tuner.can_restore(experiment_path(spec))
     if exists and not resume:
         raise SpecError(
             f"{experiment_path(spec)} already holds a search named {spec.name!r}: pass --resume to continue it, "
@@ -51,23 +62,57 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
         )
     if resume and not exists:
         raise SpecError(f"--resume: no search to resume at {experiment_path(spec)}")
+    if resume:
+        saved = saved_num_samples(spec)
+        if num_samples is not None and num_samples != saved:
+            raise SpecError(
+                f"--resume --num-samples {num_samples}: the search at {experiment_path(spec)} was started with "
+                f"{saved} samples and Ray Tune resumes it with {saved}; resume without --num-samples, or start "
+                f"a new search (another `name`) for {num_samples}"
+            )
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": saved})})
     return spec
 
 
-def _connect(address: str | None, verbose: bool) -> None:
+def _connect(address: str | None) -> str:
     """A given address; else ``RAY_ADDRESS`` or the cluster ``ray start`` made on this
-    node; else a new local Ray (plain ``ray.init`` tries them in that order). Worker logs
-    stay in Ray's log files unless ``verbose``: the progress view says what matters."""
+    node; else a new local Ray (plain ``ray.init`` tries them in that order). The workers'
+    output comes to this process, where the screen sends it to its log file (docs/design.md,
+    "What a user sees"). Returns a line saying which Ray this is."""
     import ray
 
     from tntsearch.tracking import TELEMETRY_ENV  # importing it sets it here; workers get it below
 
-    ray.init(address=address, log_to_driver=verbose, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
+    ctx = ray.init(address=address, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
+    res = ray.cluster_resources()
+    size = f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
+    # NOTE: Ray has no public "did ray.init start this cluster"; the driver's node is the
+    # head node only when it did.
+    if ray._private.worker._global_node.is_head():
+        return f"Ray: started a local Ray instance ({size})"
+    return f"Connecting to existing Ray cluster at {ctx.address_info.get('gcs_address') or address}: {size}"
 
 
-def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interval: float = 30.0) -> SearchOutcome:
-    """Run (or resume) the search described by ``spec``; Ray must be initialised."""
-    from tntsearch.progress import ProgressView
+def _sigterm_like_ctrl_c() -> threading.Event:
+    """SIGTERM (``ray job stop``, Kubernetes, spot preemption) ends the search as Ctrl-C
+    does: Tune saves its state and returns. Installed after ``ray.init``, whose core worker
+    otherwise turns SIGTERM into an abort with a native stack dump (exit 134). The event
+    tells that it came."""
+    got = threading.Event()
+
+    def handler(signum, frame):
+        got.set()
+        signal.raise_signal(signal.SIGINT)  # Tune's handler during fit, KeyboardInterrupt outside
+
+    signal.signal(signal.SIGTERM, handler)
+    return got
+
+
+def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interval: float = 30.0,
+           screen=None) -> SearchOutcome:
+    """Run (or resume) the search described by ``spec``; Ray must be initialised. ``screen``
+    (a ``SearchScreen``) shows it; by default one that prints plain lines."""
+    from tntsearch.screen import SearchScreen
     from tntsearch.search import experiment_path, make_tuner
     from tntsearch.tracking import MlflowTracker, prepare_store, resolve_tracking_uri
 
@@ -81,11 +126,15 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
         objectives=spec.objectives,
         epochs=spec.train.epochs,
     )
-    view = ProgressView(tracker, spec.search.num_samples, interval=progress_interval)
-    tuner = make_tuner(spec, callbacks=[tracker, view], resume=resume)
+    screen = screen or SearchScreen(spec.search.num_samples, spec.train.epochs, interval=progress_interval)
+    tuner = make_tuner(spec, callbacks=[tracker, screen], resume=resume)
     # NOTE: a restored Tuner runs the callbacks pickled with it (Tune restores their state),
-    # not the ones built above; Ray's Tuner has no public accessor for them.
-    tracker = next(c for c in tuner._local_tuner.get_run_config().callbacks if isinstance(c, MlflowTracker))
+    # not the ones built above; Ray's Tuner has no public accessor for them. The tracker's
+    # state matters; the screen shown is this process's.
+    callbacks = tuner._local_tuner.get_run_config().callbacks
+    tracker = next(c for c in callbacks if isinstance(c, MlflowTracker))
+    callbacks[:] = [screen if isinstance(c, SearchScreen) else c for c in callbacks]
+    screen.tracker = tracker
     try:
         tuner.fit()
     except BaseException:
@@ -105,25 +154,30 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
     )
 
 
-def _summary(spec, outcome: SearchOutcome) -> str:
-    from tntsearch.progress import counts_line
-    from tntsearch.report import front_table
+def _summary(spec, outcome: SearchOutcome, screen) -> list[Any]:
+    """What stays on the screen after the search: the status and front (unless the live
+    view left them there), the baselines' places, where everything is, and how to look."""
+    from tntsearch.screen import dashboard_command, front_table, report_command
 
-    lines = [f"search {spec.name!r}: " + counts_line(outcome.summary, spec.search.num_samples)]
-    if outcome.front:
-        lines += ["", "Pareto front:", front_table(outcome.front, spec.objectives), ""]
-        front_ids = {r["trial_id"] for r in outcome.front}
-        for b in (r for r in outcome.rows if r["baseline"]):
-            where = "on the front" if b["trial_id"] in front_ids else "dominated by the front"
-            if b["status"] in ("infeasible", "failed", "running"):
-                where = b["status"]
-            lines.append(f"baseline {b['baseline']}: {where}")
-    else:
-        lines.append("no feasible trial finished: the front is empty")
-    lines += ["", f"Ray Tune results: {outcome.experiment_path}", f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})"]
-    if outcome.tracking_uri.startswith("sqlite:"):
-        lines.append(f"dashboard: mlflow server --backend-store-uri {outcome.tracking_uri} --host 127.0.0.1 --port 5000")
-    return "\n".join(lines)
+    out: list[Any] = []
+    if not screen.live:
+        out += [f"search {spec.name!r}: " + "  ".join(screen.status_lines())]
+        if outcome.front:
+            out += ["", f"Pareto front ({len(outcome.front)}):", front_table(outcome.front, spec.objectives, verbose=screen.verbose)]
+        out += screen.failure_lines()
+    if not outcome.front:
+        out.append("no feasible trial finished: the front is empty")
+    front_ids = {r["trial_id"] for r in outcome.front}
+    for b in (r for r in outcome.rows if r["baseline"]):
+        where = "on the front" if b["trial_id"] in front_ids else "dominated by the front"
+        if b["status"] in ("infeasible", "failed", "running"):
+            where = b["status"]
+        out.append(f"baseline {b['baseline']}: {where}")
+    out += ["", f"Ray Tune results: {Path(outcome.experiment_path).resolve()}",
+            f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})",
+            f"report: {report_command(outcome.tracking_uri, outcome.parent_run_id)}",
+            f"dashboard: {dashboard_command(outcome.tracking_uri)}"]
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,8 +186,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
     p.add_argument("--address", help="Ray cluster address (default: a running cluster if any, else local)")
     p.add_argument("--num-samples", type=int, help="override search.num_samples")
-    p.add_argument("--progress-interval", type=float, default=30.0, help="seconds between front printouts")
-    p.add_argument("--verbose", action="store_true", help="stream the Ray workers' logs to this terminal")
+    p.add_argument("--progress-interval", type=float, default=30.0,
+                   help="seconds between status lines when the output is not a terminal")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, Optuna's and MLflow's messages (always in <storage>/<name>/tntsearch.log), "
+                        "and full trial and MLflow run ids")
     return p
 
 
@@ -144,12 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    _connect(args.address, args.verbose)
-    outcome = search(spec, args.spec, resume=args.resume, progress_interval=args.progress_interval)
-    print(_summary(spec, outcome), flush=True)
+    from tntsearch.screen import SearchScreen, log_path
+    from tntsearch.search import make_tuner  # noqa: F401 - its libraries set up their loggers before the screen moves them
+    from tntsearch.tracking import MlflowTracker  # noqa: F401 - likewise
+
+    screen = SearchScreen(spec.search.num_samples, spec.train.epochs, interval=args.progress_interval)
+    with screen.showing(log_path(spec), verbose=args.verbose):
+        screen.print(_connect(args.address))
+        screen.reroute()  # ray.init configures Ray's loggers again
+        terminated = _sigterm_like_ctrl_c()
+        outcome = search(spec, args.spec, resume=args.resume, screen=screen)
+        screen.stop_live()
+        for part in _summary(spec, outcome, screen):
+            screen.print(part)
     if outcome.interrupted:
         print(f"interrupted: continue with `python -m tntsearch.run {args.spec} --resume`", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if terminated.is_set() else EXIT_INTERRUPTED
     if outcome.summary["failed"] and not outcome.summary["completed"] + outcome.summary["stopped_early"]:
         print("every trained trial failed: see the reasons above and in MLflow", file=sys.stderr)
         return 1
