@@ -314,7 +314,7 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
     device = _device(device)
     models = {"candidate": _model(cfg, img_size)}
     if reference is not None:
-        models["reference"] = _model(reference, None)
+        models["reference"] = _model(reference, img_size)
     steps: dict[str, Callable[[], None]] = {}
     for name, (model, size, classes) in models.items():
         steps[f"{name} batch"] = make_step(model, device, batch_size, size, "inference", precision, classes,
