@@ -7,7 +7,7 @@ STAMP := .venv/.installed
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config chromium chromium-driver
 DEMO_DATA := data/digits_train.beton data/digits_val.beton
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 bench: setup
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# One prepared run of the GPU checks (needs a CUDA GPU; under 8 minutes): see docs/model_and_cost.md.
+gpu-check: setup
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf .venv data mlflow.db mlartifacts ray_results exports

@@ -1,7 +1,8 @@
 """tntsearch TNT-S against timm's ``tnt_s_patch16_224``, side by side in one process.
 
-Both models carry the same weights (``from_timm``), see the same batch, run float32 on the
-same device, and are timed interleaved (A B A B ...) so drifts in machine load hit both.
+Both models carry the same weights (``from_timm``), see the same batch, run at the same
+precision (float32 unless ``--precision``) on the same device, and are timed interleaved
+(A B A B ...) so drifts in machine load hit both.
 Prints the median images/s over rounds and the median over rounds of the paired ratio
 tntsearch / timm, for inference and for one training step (forward, loss, backward, AdamW),
 by the wall clock and by the process's CPU time (images per CPU-second: on a CPU shared
@@ -13,6 +14,8 @@ this ratio varies less than the wall-clock one; caches and memory bandwidth stay
     python benchmarks/model_speed.py --ablations   # also the variants in docs/model_and_cost.md
     python benchmarks/model_speed.py --compile     # also torch.compile(tntsearch)
     python benchmarks/model_speed.py --profile     # where the CPU time goes, per model
+    python benchmarks/model_speed.py --device cuda --batch-size 256 --precision bf16 --compile --deit
+                                                   # the GPU comparison of benchmarks/gpu_check.sh
 """
 from __future__ import annotations
 
@@ -76,8 +79,9 @@ def _timm_layout(model: TNT) -> TNT:
 
 
 def contenders(reference: nn.Module, device: str = "cpu", ablations: bool = False,
-               compile_model: bool = False) -> dict[str, nn.Module]:
-    """timm, tntsearch, and optionally tntsearch variants, all with the same weights."""
+               compile_model: bool = False, deit: bool = False) -> dict[str, nn.Module]:
+    """timm, tntsearch, and optionally tntsearch variants, all with the same weights, and
+    timm's DeiT-S (the paper's Table 5 yardstick: 13% fewer FLOPs, twice the throughput)."""
     ours = from_timm(reference).to(device)
     out = {"timm": copy.deepcopy(reference), "tntsearch": copy.deepcopy(ours)}
     if ablations:
@@ -88,21 +92,27 @@ def contenders(reference: nn.Module, device: str = "cpu", ablations: bool = Fals
         out["timm reshapes"] = _timm_layout(copy.deepcopy(ours))
     if compile_model:
         out["torch.compile"] = torch.compile(copy.deepcopy(ours))
+    if deit:
+        out["deit_s"] = timm.create_model("deit_small_patch16_224", pretrained=False).to(device)
+        if compile_model:
+            out["deit_s compiled"] = torch.compile(copy.deepcopy(out["deit_s"]))
     return out
 
 
 def compare(batch_size: int = 8, repeats: int = 5, warmup: int = 1, device: str = "cpu",
             modes: tuple[str, ...] = ("inference", "train"), ablations: bool = False,
-            compile_model: bool = False, model_name: str = "tnt_s_patch16_224") -> list[dict]:
-    """Images/s of every contender per mode, timed interleaved; one dict per mode."""
+            compile_model: bool = False, model_name: str = "tnt_s_patch16_224", precision: str = "fp32",
+            deit: bool = False) -> list[dict]:
+    """Images/s of every contender per mode, timed interleaved; one dict per mode, with the
+    paired ratios of compiled to eager tntsearch and of tntsearch to DeiT-S when timed."""
     torch.manual_seed(0)
     reference = timm.create_model(model_name, pretrained=False)
     rows = []
     for mode in modes:
-        models = contenders(reference, device, ablations, compile_model)
-        steps = {name: make_step(m, device, batch_size, 224, mode) for name, m in models.items()}
+        models = contenders(reference, device, ablations, compile_model, deit)
+        steps = {name: make_step(m, device, batch_size, 224, mode, precision) for name, m in models.items()}
         for name, step in steps.items():
-            for _ in range(warmup + (2 if name == "torch.compile" else 0)):
+            for _ in range(warmup + (2 if "compile" in name else 0)):
                 step()
         wall: dict[str, list[float]] = {name: [] for name in steps}
         cpu: dict[str, list[float]] = {name: [] for name in steps}
@@ -113,8 +123,12 @@ def compare(batch_size: int = 8, repeats: int = 5, warmup: int = 1, device: str 
                 start = time.process_time()
                 wall[name].append(time_step(steps[name], device))
                 cpu[name].append(time.process_time() - start)
+        pairs = [(a, b) for a, b in (("torch.compile", "tntsearch"), ("tntsearch", "deit_s"),
+                                     ("torch.compile", "deit_s compiled")) if a in wall and b in wall]
         rows.append({"mode": mode, **{name: _summary(batch_size, wall[name], cpu[name], wall["timm"], cpu["timm"])
-                                      for name in names}})
+                                      for name in names},
+                     "pairs": {f"{a} / {b}": statistics.median(tb / ta for ta, tb in zip(wall[a], wall[b]))
+                               for a, b in pairs}})
     return rows
 
 
@@ -160,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
     parser.add_argument("--ablations", action="store_true", help="also time tntsearch with each speed-up undone")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(tntsearch)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(tntsearch) (and of DeiT-S)")
+    parser.add_argument("--deit", action="store_true", help="also time timm's DeiT-S (deit_small_patch16_224)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     parser.add_argument("--profile", action="store_true",
                         help="instead of timing: self CPU time of 2 steps per mode and its share in matrix products")
     parser.add_argument("--threads", type=int, default=None,
@@ -169,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, device {args.device}, "
-          f"threads {torch.get_num_threads()}, batch {args.batch_size}, float32, {args.repeats} rounds, "
+          f"threads {torch.get_num_threads()}, batch {args.batch_size}, {args.precision}, {args.repeats} rounds, "
           f"load average {os.getloadavg()[0]:.2f}")
     if args.profile:
         for mode in args.modes:
@@ -177,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:10s} {name:10s} self CPU {seconds:6.2f} s for 2 steps, {share:.1%} in mm/addmm/bmm")
         return 0
     for row in compare(args.batch_size, args.repeats, args.warmup, args.device, tuple(args.modes),
-                       args.ablations, args.compile):
+                       args.ablations, args.compile, precision=args.precision, deit=args.deit):
         print(f"{row['mode']:22s}   img/s  ratio to timm   img/CPU-s  ratio to timm")
         for name, v in row.items():
-            if name != "mode":
+            if name not in ("mode", "pairs"):
                 print(f"  {name:20s} {v['img_s']:7.2f}  {v['ratio']:13.3f}   {v['img_cpu_s']:9.2f}  {v['cpu_ratio']:13.3f}")
+        for pair, ratio in row["pairs"].items():
+            print(f"  {row['mode']} throughput ratio {pair}: {ratio:.3f} (median of paired rounds)")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     return 0
 
