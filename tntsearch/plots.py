@@ -24,6 +24,7 @@ DEFAULT_MODES: dict[str, str] = {
     "macs": "min",
     "params": "min",
     "throughput": "max",
+    "latency_ms": "min",
 }
 _COSTS = ("macs", "params", "throughput")
 
@@ -70,6 +71,7 @@ _LABELS = {
     "macs": "MACs per image",
     "params": "parameters",
     "throughput": "inference throughput (images/s)",
+    "latency_ms": "inference latency, one image (ms)",
 }
 
 

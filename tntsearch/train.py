@@ -383,6 +383,7 @@ def fit(
     net = create_model(arch)
     torch.manual_seed(recipe.seed + 1 + rank)  # independent drop-path masks per rank
     model = prepare_model(net) if prepare_model is not None else _default_prepare(net, device)
+    model = torch.compile(model) if recipe.compile else model  # docs/model_and_cost.md, "torch.compile"
     train_loader, val_loader = make_loaders(
         data, arch.img_size, device=device, distributed=world > 1, seed=recipe.seed,
         num_classes=arch.num_classes, label_smoothing=recipe.label_smoothing, drop_last=True,

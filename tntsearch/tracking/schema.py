@@ -39,7 +39,8 @@ __all__ = [
 
 # What a feasible trial reports once per epoch (step = epoch) and what every result carries.
 EPOCH_METRICS = ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "epoch_time_s")
-COST_METRICS = ("params", "macs", "throughput", "feasible", "violation", "cost_time_s")
+COST_METRICS = ("params", "macs", "throughput", "latency_ms", "throughput_raw", "latency_ms_raw", "feasible", "violation",
+                "cost_time_s")
 STATUSES = ("running", "completed", "stopped_early", "infeasible", "failed")
 ON_FRONT_STATUSES = ("completed", "stopped_early")
 
