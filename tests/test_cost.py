@@ -176,5 +176,7 @@ def test_cli_subprocess_bad_value():
 def test_cli_measure(capsys):
     assert main(["tnt_s", "--set", "img_size=32", "patch_size=8", "words=4", "depth=1", "--measure",
                  "--batch-size", "2", "--repeats", "1", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["throughput"] > 0 and report["batch_size"] == 2
+    out = capsys.readouterr().out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["throughput"] > 0 and report["latency_ms"] > 0 and report["batch_size"] == 2
+    assert "latency: " in out

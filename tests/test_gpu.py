@@ -64,6 +64,14 @@ def test_bf16_training_on_gpu_with_ffcv(synthetic224):
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"]) and history[0]["images_per_s"] > 0
 
 
+def test_compiled_bf16_training_on_gpu(synthetic224):
+    from tntsearch.train import fit
+
+    history = fit(get_config("tnt_s", **SMALL_TNT), _data(synthetic224, 32),
+                  TrainSpec(epochs=1, warmup_epochs=0, precision="bf16", compile=True), device="cuda")
+    assert math.isfinite(history[0]["train_loss"]) and math.isfinite(history[0]["val_loss"])
+
+
 def test_cuda_throughput_and_latency():
     cfg = get_config("tnt_s")
     fp32 = measure_speed(cfg, device="cuda", batch_size=64, precision="fp32", rounds=5)

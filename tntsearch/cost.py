@@ -343,8 +343,10 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
 # ---------------------------------------------------------------------------------------
 
 def cost_report(cfg: TNTConfig | str, measure: bool = False, device: str = "cpu", batch_size: int = 8,
-                mode: str = "inference", warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
-    """Everything the CLI prints, as a JSON-able dict."""
+                mode: str = "inference", warmup: int = 1, repeats: int = 3, precision: str = "fp32",
+                compile: bool = False) -> dict[str, Any]:
+    """Everything the CLI prints, as a JSON-able dict; a measured inference adds ``latency_ms``
+    (the figures a spec's ``constraints.measure.reference`` quotes)."""
     cfg = get_config(cfg)
     report: dict[str, Any] = {
         "config": cfg.to_dict(),
@@ -352,17 +354,19 @@ def cost_report(cfg: TNTConfig | str, measure: bool = False, device: str = "cpu"
         "macs": count_macs(cfg),
         "counted_macs": counted_macs(cfg),
     }
+    if measure and mode == "inference":
+        report.update(measure_speed(cfg, device, batch_size, precision, compile, rounds=repeats, warmup=warmup))
+    elif measure:
+        report["throughput"] = measure_throughput(cfg, device, batch_size, mode, warmup, repeats, precision, compile=compile)
     if measure:
-        report["throughput"] = measure_throughput(
-            cfg, device=device, batch_size=batch_size, mode=mode, warmup=warmup, repeats=repeats)
-        report.update(device=str(device), batch_size=batch_size, mode=mode)
+        report.update(device=str(device), batch_size=batch_size, mode=mode, precision=precision, compile=compile)
     return report
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tntsearch.cost",
-        description="Parameters, MACs (analytic and counted) and optionally measured throughput of a TNT model.")
+        description="Parameters, MACs (analytic and counted) and optionally measured throughput and latency of a TNT model.")
     parser.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
     parser.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override architecture parameters; values are YAML (tnt_blocks=[1,6])")
@@ -372,6 +376,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=_MODES, default="inference")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=list(_PRECISIONS), default="fp32", help="autocast precision")
+    parser.add_argument("--compile", action="store_true", help="measure torch.compile(model)")
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     return parser
 
@@ -380,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         cfg = get_config(args.preset, **parse_overrides(args.sets))
-        report = cost_report(cfg, args.measure, args.device, args.batch_size, args.mode, args.warmup, args.repeats)
+        report = cost_report(cfg, args.measure, args.device, args.batch_size, args.mode, args.warmup, args.repeats,
+                             args.precision, args.compile)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -392,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"macs (FlopCounterMode / 2): {report['counted_macs']:,} ({diff:+.3%})")
     if args.measure:
         print(f"throughput: {report['throughput']:.2f} images/s "
-              f"({args.mode}, {args.device}, batch {args.batch_size}, median of {args.repeats})")
+              f"({args.mode}, {args.device}, {args.precision}, batch {args.batch_size}, median of {args.repeats})")
+        if "latency_ms" in report:
+            print(f"latency: {report['latency_ms']:.3f} ms (one image, median of {args.repeats})")
     if args.json:
         print(json.dumps(report))
     return 0
