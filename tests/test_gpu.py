@@ -45,8 +45,8 @@ def test_bf16_training_on_gpu_with_ffcv(synthetic224):
 
     data = _data(synthetic224, 32)
     train_loader, _ = make_loaders(data, 224, device=torch.device("cuda"))
-    images, labels = next(iter(train_loader))
-    assert images.device.type == labels.device.type == "cuda" and images.shape == (32, 3, 224, 224)
+    batches = [(images.device.type, labels.device.type, tuple(images.shape)) for images, labels in train_loader]
+    assert batches == [("cuda", "cuda", (32, 3, 224, 224))] * 8
 
     dtypes = set()
 
@@ -112,8 +112,8 @@ def test_export_on_gpu(gpu_search, tmp_path):
     assert main(["--experiment", "gpu2", "--tracking-uri", gpu_search["uri"], "--no-mlflow", str(out)]) == 0
     cpu, gpu = load_model(out), load_model(out, device="cuda")
     x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(gpu(x.cuda()).cpu(), cpu(x), atol=1e-3)
+    with torch.no_grad():  # cuDNN may run the word stem's conv in TF32: close, not equal
+        torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=2e-2, rtol=1e-2)
 
 
 def test_one_worker_nccl_ray_train(synthetic224, tmp_path):
