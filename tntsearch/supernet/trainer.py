@@ -1,0 +1,147 @@
+"""Ray Train around :func:`tntsearch.supernet.train.fit_supernet`: one ``TorchTrainer`` run
+trains the supernet over the spec's workers; the driver prints every epoch and logs it to
+an MLflow run (docs/supernet.md).
+
+The run is named, and stored under the spec's ``storage``: running it again with the same
+name continues from its latest checkpoint at the next epoch (Ray Train V2 restores the
+run's checkpoints), and a crashed worker is retried ``resources.max_failures`` times from
+the latest checkpoint, as ``tntsearch.trainer.make_trainer`` does for one architecture.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tntsearch.spec import SearchSpec
+from tntsearch.tracking import TELEMETRY_ENV
+from tntsearch.trainer import REPORT_POLL_INTERVAL_S, ForwardReports, _ray_report
+from tntsearch.train import load_state
+
+__all__ = ["TAG_SUPERNET", "train_loop_per_worker", "make_supernet_trainer", "format_epoch", "run_supernet"]
+
+TAG_SUPERNET = "tntsearch.supernet_run"  # the Ray Train run name, on the MLflow run that logs it
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train loop: ``config`` holds the spec (``model_dump(mode="json")``) and
+    ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``."""
+    import ray.train
+    import ray.train.torch
+
+    from tntsearch.supernet.train import fit_supernet
+
+    start_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start_state = load_state(d)
+    fit_supernet(SearchSpec.model_validate(config["spec"]), device=ray.train.torch.get_device(),
+                 report=_ray_report, start_state=start_state, stop_epoch=config.get("stop_epoch"))
+
+
+def make_supernet_trainer(
+    spec: SearchSpec,
+    *,
+    name: str,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] | None = None,
+    stop_epoch: int | None = None,
+    num_to_keep: int | None = 2,
+):
+    """The ``TorchTrainer`` that trains ``spec``'s supernet with its data, recipe and resources."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if spec.supernet is None:
+        raise ValueError("the spec has no supernet section (epochs, sampling, k, distill)")
+    r = spec.resources
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    # NOTE: see tntsearch.trainer.make_trainer: reports are collected every 0.2 s, not 2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "stop_epoch": stop_epoch},
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_path if storage_path is not None else spec.storage),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=list(callbacks or []),
+            worker_runtime_env={"env_vars": dict(TELEMETRY_ENV)},
+        ),
+    )
+
+
+def format_epoch(metrics: Mapping[str, Any]) -> str:
+    """One terminal line per epoch: loss, lr, images/s and every validated sub-network's top-1."""
+    tops = "  ".join(f"{k[len('val_top1_'):]} {v:6.2f}%" for k, v in metrics.items() if k.startswith("val_top1_"))
+    return (f"epoch {metrics['epoch']:>3}  train_loss {metrics['train_loss']:.4f}  lr {metrics['lr']:.3g}  "
+            f"{metrics['images_per_s']:.1f} img/s  val_top1: {tops}")
+
+
+def _mlflow_run(spec: SearchSpec, name: str):
+    """The MLflow run of this supernet training: the one tagged with ``name`` (a resumed
+    run logs on), else a new one with the supernet section and the space as params."""
+    import mlflow
+
+    from tntsearch.tracking import prepare_store, resolve_tracking_uri
+
+    mlflow.set_tracking_uri(prepare_store(resolve_tracking_uri(spec.mlflow.tracking_uri, Path.cwd())))
+    experiment = mlflow.set_experiment(spec.experiment)
+    found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_SUPERNET}` = '{name}'",
+                               output_format="list", max_results=1)
+    if found:
+        return mlflow.start_run(run_id=found[0].info.run_id)
+    run = mlflow.start_run(run_name=f"supernet-{name}", tags={TAG_SUPERNET: name, "tntsearch.role": "supernet"})
+    dumped = spec.model_dump(mode="json")
+    mlflow.log_params({f"supernet.{k}": v for k, v in dumped["supernet"].items()})
+    mlflow.log_params({"supernet.workers": spec.resources.num_workers, "supernet.batch_size": spec.data.batch_size})
+    mlflow.log_dict(dumped["space"], "space.json")
+    return run
+
+
+def run_supernet(
+    spec: SearchSpec,
+    *,
+    name: str,
+    stop_epoch: int | None = None,
+    echo: Callable[[str], None] = print,
+):
+    """Train ``spec``'s supernet (or continue the run ``name``); echo and log every epoch.
+
+    Returns the Ray Train ``Result`` (its ``checkpoint`` holds the supernet) and the MLflow
+    run id. Needs Ray started (``ray.init``); raises ``ray.train.TrainingFailedError``.
+    """
+    import mlflow
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue()
+    trainer = make_supernet_trainer(spec, name=name, stop_epoch=stop_epoch, callbacks=[ForwardReports(queue)])
+    outcome: dict[str, Any] = {}
+
+    def _fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as e:  # handed to the caller below, after the reports already made
+            outcome["error"] = e
+
+    with _mlflow_run(spec, name) as run:
+        runner = threading.Thread(target=_fit, daemon=True)
+        runner.start()
+        while runner.is_alive() or not queue.empty():
+            try:
+                metrics = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            echo(format_epoch(metrics))
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
+        if "error" in outcome:
+            raise outcome["error"]
+        result = outcome["result"]
+        if result.checkpoint is not None:
+            mlflow.set_tag("checkpoint", result.checkpoint.path)
+    return result, run.info.run_id
