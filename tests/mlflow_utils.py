@@ -3,7 +3,7 @@ database, as a tracking server that goes away and comes back would be.
 
 The server runs in its own session (process group), so stopping it ends exactly the
 processes it spawned (uvicorn and friends) and nothing else on the machine. Settings
-checked on this machine (DESIGN.md): ``--workers 1``, an absolute SQLite URI, and
+checked on this machine (docs/design.md): ``--workers 1``, an absolute SQLite URI, and
 ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`` (no GenAI job workers: ~3x faster start).
 """
 from __future__ import annotations

@@ -106,7 +106,7 @@ def test_paper_table5(name, macs_g):
 
 
 def test_timm_reference_figures():
-    # DESIGN.md: timm's tnt_s_patch16_224 has 23.77M params and 5.22 GMACs (FlopCounterMode / 2)
+    # docs/design.md: timm's tnt_s_patch16_224 has 23.77M params and 5.22 GMACs (FlopCounterMode / 2)
     assert round(count_params("tnt_s") / 1e6, 2) == 23.77
     assert round(counted_macs("tnt_s") / 1e9, 2) == 5.22
 

@@ -1,6 +1,6 @@
 """The spec's ``space`` as an Optuna define-by-run function, and back to architectures.
 
-A searched parameter becomes one ``trial.suggest_*`` call under its DESIGN.md name, so
+A searched parameter becomes one ``trial.suggest_*`` call under its docs/design.md name, so
 Optuna's history, Ray Tune's trial configs and MLflow's params all use the same names.
 ``tnt_blocks`` is searched either as a choice of index lists (encoded as strings such as
 ``"1,6"``, because Optuna's categorical values must be scalars) or per block, one boolean

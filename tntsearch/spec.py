@@ -33,12 +33,10 @@ __all__ = [
     "SpecError",
     "SUPERNET_FIXED",
     "SupernetSpec",
-    "SUPERNET_FIXED",
-    "SupernetSpec",
     "load_spec",
 ]
 
-# The architecture parameters of DESIGN.md, in the order the sampler suggests them.
+# The architecture parameters of docs/design.md, in the order the sampler suggests them.
 ARCH_PARAMS = (
     "img_size", "patch_size", "outer_dim", "depth", "outer_heads", "mlp_ratio",
     "inner_dim", "words", "inner_heads", "inner_mlp_ratio", "se", "se_ratio",
@@ -255,39 +253,6 @@ class SupernetSpec(_Strict):
         return self
 
 
-# Architecture parameters a weight-sharing supernet cannot make elastic (docs/supernet.md):
-# the data fixes the first three, and drop path and the SE ratio are not widths to slice.
-SUPERNET_FIXED = ("img_size", "patch_size", "num_classes", "drop_path", "se_ratio")
-
-
-class SupernetSpec(_Strict):
-    """One-shot training of a weight-sharing supernet (docs/supernet.md). ``k`` random
-    sub-networks train every step: alone with ``uniform`` (AutoFormer), after the largest and
-    the smallest with ``sandwich`` (BigNAS, NASViT), where ``distill`` (default on) trains
-    the smaller ones on the largest's predictions. The recipe is ``train``'s, run for
-    ``epochs``."""
-
-    epochs: int = Field(default=100, ge=1)
-    sampling: Literal["uniform", "sandwich"] = "sandwich"
-    k: int = Field(default=2, ge=0)
-    distill: bool = True  # sandwich only: left out with uniform, it is off
-
-    @model_validator(mode="before")
-    @classmethod
-    def _distill_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("sampling") == "uniform" and "distill" not in data:
-            data = {**data, "distill": False}
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SupernetSpec:
-        if self.sampling == "uniform" and self.k < 1:
-            raise ValueError("supernet.k must be >= 1 with sampling: uniform (sub-networks per step)")
-        if self.sampling == "uniform" and self.distill:
-            raise ValueError("supernet.distill needs sampling: sandwich (the largest sub-network is the teacher)")
-        return self
-
-
 class MlflowSpec(_Strict):
     tracking_uri: str | None = None
     experiment: str | None = None
@@ -307,7 +272,6 @@ class SearchSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     mlflow: MlflowSpec = MlflowSpec()
     storage: str = "ray_results"
-    supernet: SupernetSpec | None = None
     supernet: SupernetSpec | None = None
 
     @field_validator("space")
@@ -333,17 +297,6 @@ class SearchSpec(_Strict):
         if ref is not None and ref.baseline not in names:
             raise ValueError(f"constraints.measure.reference.baseline {ref.baseline!r} is not one of "
                              f"search.baselines {names}")
-        return self
-
-    @model_validator(mode="after")
-    def _supernet_elastic(self) -> SearchSpec:
-        if self.supernet is None:
-            return self
-        for name in SUPERNET_FIXED:
-            if isinstance(self.space.get(name), (Choice, IntRange, FloatRange, PerBlock)):
-                raise ValueError(
-                    f"space.{name} is searched, but a supernet shares one set of weights across "
-                    f"sub-networks and cannot vary {name}: fix it to one value or drop the supernet section")
         return self
 
     @model_validator(mode="after")

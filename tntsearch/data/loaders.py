@@ -7,7 +7,7 @@ in channels-last memory format on `device`; labels as int64 (N,) tensors, or, wh
 cutmix is on, the train loader yields soft float32 (N, num_classes) targets from timm's
 `Mixup` (label smoothing folded in), to be used with `SoftTargetCrossEntropy`.
 
-Pipeline order (DESIGN.md): on CPU decoder -> flip -> NormalizeImage (JIT) -> ToTensor ->
+Pipeline order (docs/design.md): on CPU decoder -> flip -> NormalizeImage (JIT) -> ToTensor ->
 ToDevice -> ToTorchImage; on CUDA the uint8 batch is copied (4x fewer bytes than float32)
 and normalised on the GPU after ToTorchImage. Batches are reused buffers: `clone_batch`
 what you keep.
