@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from tntsearch import pareto, plots
 from tntsearch.tracking.outbox import PARENT, Outbox, is_transient
@@ -83,6 +84,13 @@ def _git_commit(where: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _checkpoint_uri(trial: Any, path: str) -> str:
+    """Ray names a checkpoint by its path inside the storage's filesystem; the storage's
+    scheme makes it a URI that Ray's ``Checkpoint`` opens from anywhere (s3://...)."""
+    kind = trial.storage.storage_filesystem.type_name
+    return path if kind == "local" else f"{ {'gcs': 'gs'}.get(kind, kind)}://{path}"
 
 
 class MlflowTracker(Callback):
@@ -160,6 +168,8 @@ class MlflowTracker(Callback):
         self.table = TrialTable(self.objectives, self.epochs, self.outbox.add)
         self._started = False
         self._closed = False
+        self._reconcile = False
+        self._num_samples: int | None = None
         self._front_dirty = False
         self._last_publish = -math.inf
 
@@ -174,6 +184,9 @@ class MlflowTracker(Callback):
         self.table.n_finished = int(state["n_finished"])
         self._started = True
         self._closed = False
+        # NOTE: the state is Tune's last snapshot, MLflow may be ahead of it (a killed
+        # driver): on the first step, MLflow is made to agree with the trials Tune restored.
+        self._reconcile = True
 
     # -- public read side --------------------------------------------------------------
 
@@ -216,6 +229,7 @@ class MlflowTracker(Callback):
 
     def setup(self, *args: Any, **info: Any) -> None:
         """Queue the parent run (once, even if called again) and try to deliver it."""
+        self._num_samples = info.get("total_num_samples")  # also when restored
         if self._started:
             return
         self._started = True
@@ -249,8 +263,15 @@ class MlflowTracker(Callback):
         self.table.ensure(trial, restart=True)
         self._flush()
 
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._reconcile:
+            self._reconcile = False
+            self.outbox.add({"op": "reconcile", "trials": [str(t.trial_id) for t in trials]})
+            self._flush()
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.table.result(trial, result)
+        path = result.get(CHECKPOINT_PATH_KEY)
+        self.table.result(trial, result, checkpoint_uri=_checkpoint_uri(trial, path) if path else None)
         self._flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -277,7 +298,15 @@ class MlflowTracker(Callback):
         self._maybe_publish()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.close()
+        """Fewer finished trials than the search's samples mean an interruption (Ctrl-C,
+        SIGTERM; Tune has stopped the running ones and saved the state ``--resume`` goes on
+        from): the parent and the running children end KILLED."""
+        finished = sum(st["status"] != "running" for st in self.table.trials.values())
+        if self._num_samples is not None and finished < self._num_samples:
+            self.table.interrupt()
+            self.close(status="KILLED")
+        else:
+            self.close()
 
     def close(self, status: str = "FINISHED") -> Path | None:
         """End the parent run, publish the final front, deliver everything (retrying for up
@@ -322,6 +351,9 @@ class MlflowTracker(Callback):
         """Deliver pending records in order (the children of a resumed parent join the
         table as soon as the store named them); True when none is left."""
         done = self.outbox.flush(force=force)
+        if self.outbox.reconciled:
+            self.table.logged(self.outbox.reconciled)
+            self.outbox.reconciled = {}
         if self.outbox.adopted:
             self._take_adopted()
             done = self.outbox.flush(force=force)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tntsearch.tracking.schema import MAX_TAG_LEN, TAG_TRIAL_ID
+from tntsearch.tracking.schema import MAX_TAG_LEN, TAG_ORPHANED, TAG_RUN_KEY, TAG_STATUS, TAG_TRIAL_ID
 from tntsearch.tracking.store import fail_fast_http
 
 __all__ = ["FALLBACK_FORMAT", "PARENT", "RecordReplayer", "Outbox", "search_children", "read_fallback", "is_transient"]
@@ -53,8 +54,11 @@ class RecordReplayer:
     Runs are named by the tracker's keys (``"parent"``, ``"trial:<id>"``); ``run_ids`` maps
     each key to the MLflow run created for it. Kinds of record (all JSON-able):
     ``experiment`` (get or create), ``start`` (create a run, or reopen a known one),
-    ``resume`` (adopt an existing parent and its children), ``log`` (metrics, params, tags),
-    ``text`` (a text artifact), ``end`` (terminate a run).
+    ``resume`` (adopt an existing parent and its children), ``reconcile`` (make the
+    parent's children agree with the trials Tune restored), ``log`` (metrics, params, tags),
+    ``text`` (a text artifact), ``end`` (terminate a run). Replaying a record twice is
+    harmless: a ``start`` finds the run its ``tntsearch.run_key`` tag names, and MLflow
+    keeps one copy of a metric logged twice with the same step and time.
     """
 
     def __init__(self, client: MlflowClient, run_ids: Mapping[str, str] | None = None, experiment_id: str | None = None):
@@ -62,6 +66,7 @@ class RecordReplayer:
         self.run_ids: dict[str, str] = dict(run_ids or {})
         self.experiment_id = experiment_id
         self.adopted: list[Any] = []  # child runs found by a ``resume`` record
+        self.reconciled: dict[str, int] = {}  # trial id -> last epoch MLflow holds, from ``reconcile``
 
     def apply(self, rec: Mapping[str, Any]) -> None:
         getattr(self, "_" + rec["op"])(rec)
@@ -82,6 +87,11 @@ class RecordReplayer:
     def _start(self, rec: Mapping[str, Any]) -> None:
         tags = dict(rec.get("tags", {}))
         key = rec["key"]
+        if key not in self.run_ids and TAG_RUN_KEY in tags:  # delivered before, replayed from an older snapshot
+            found = self.client.search_runs([self.experiment_id], f"tags.`{TAG_RUN_KEY}` = '{tags[TAG_RUN_KEY]}'",
+                                            max_results=1)
+            if found:
+                self.run_ids[key] = found[0].info.run_id
         if key in self.run_ids:  # a trial restarted after a driver restore: same run
             self.client.update_run(self.run_ids[key], status="RUNNING")
             for k, v in tags.items():
@@ -104,6 +114,25 @@ class RecordReplayer:
                 self.run_ids.setdefault(f"trial:{tid}", run.info.run_id)
         self.adopted = children
 
+    def _reconcile(self, rec: Mapping[str, Any]) -> None:
+        """After Tune restored a search from its last snapshot: a child whose trial Tune
+        forgot (it began after the snapshot) is tagged orphaned and ended KILLED; the others
+        run again (RUNNING), and the last epoch each already logged is kept in ``reconciled``."""
+        parent = self.run_ids[PARENT]
+        self.client.update_run(parent, status="RUNNING")
+        keep = set(rec["trials"])
+        for run in search_children(self.client, self.experiment_id, parent):
+            tid = run.data.tags.get(TAG_TRIAL_ID, "")
+            if tid not in keep:
+                self.client.log_batch(run.info.run_id, tags=[RunTag(TAG_ORPHANED, "true"), RunTag(TAG_STATUS, "orphaned")])
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                continue
+            self.run_ids.setdefault(f"trial:{tid}", run.info.run_id)
+            if run.info.status == "KILLED":  # interrupted by Ctrl-C/SIGTERM, resumed now
+                self.client.update_run(run.info.run_id, status="RUNNING")
+            history = self.client.get_metric_history(run.info.run_id, "val_top1")
+            self.reconciled[tid] = max((int(m.step) for m in history), default=0)
+
     def _log(self, rec: Mapping[str, Any]) -> None:
         run_id = self.run_ids[rec["key"]]
         metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in rec.get("metrics", [])]
@@ -119,13 +148,14 @@ class RecordReplayer:
 
 
 def search_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every child run of a parent (all pages)."""
+    """Every child run of a parent (all pages), but orphans (``tntsearch.orphaned``): runs
+    of trials Tune forgot are no part of the search."""
     runs, token = [], None
     while True:
         page = client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000, page_token=token
         )
-        runs.extend(page)
+        runs.extend(r for r in page if r.data.tags.get(TAG_ORPHANED) != "true")
         token = page.token
         if not token:
             return runs
@@ -171,6 +201,8 @@ class Outbox:
         self.experiment_id: str | None = None
         self.dropped: list[dict[str, Any]] = []
         self.adopted: list[Any] = []  # children of a resumed parent, for the caller to take
+        self.reconciled: dict[str, int] = {}  # trial id -> last epoch MLflow holds, for the caller to take
+        self.uid = uuid.uuid4().hex  # names this search's runs (TAG_RUN_KEY); pickled with the tracker
         self._replayer: RecordReplayer | None = None
         self._backoff = 0.0
         self._next_attempt = 0.0
@@ -207,6 +239,8 @@ class Outbox:
         return self._get_replayer().client
 
     def add(self, rec: dict[str, Any]) -> None:
+        if rec["op"] == "start":
+            rec["tags"] = {**rec.get("tags", {}), TAG_RUN_KEY: f"{self.uid}/{rec['key']}"}
         rec["seq"] = self.seq
         self.seq += 1
         self.records.append(rec)
@@ -241,6 +275,8 @@ class Outbox:
                 self._record_failures = 0
                 if rec["op"] == "resume":
                     self.adopted = rep.adopted
+                if rec["op"] == "reconcile":
+                    self.reconciled, rep.reconciled = rep.reconciled, {}
         self._sync()
         if self._outage_logged:
             logger.warning("MLflow store %s reachable again; all records delivered", self.tracking_uri)

@@ -27,6 +27,8 @@ __all__ = [
     "TAG_BASELINE",
     "TAG_INFEASIBLE",
     "TAG_CHECKPOINT_URI",
+    "TAG_RUN_KEY",
+    "TAG_ORPHANED",
     "CONSTRAINT_PREFIX",
     "PARAM_OBJECTIVES",
     "PARAM_EPOCHS",
@@ -53,6 +55,8 @@ TAG_TRIAL_ID = "ray.trial_id"
 TAG_BASELINE = "baseline"  # preset name of a baseline trial, "" otherwise
 TAG_INFEASIBLE = "infeasible_reason"  # which constraints an infeasible trial broke, and by how much
 TAG_CHECKPOINT_URI = "tntsearch.checkpoint_uri"  # the trial's last Ray Train checkpoint (path or URI); export reads it
+TAG_RUN_KEY = "tntsearch.run_key"  # "<search uid>/<record key>": a replayed `start` finds its run (docs/faults.md)
+TAG_ORPHANED = "tntsearch.orphaned"  # "true": Tune forgot the trial (driver killed before its snapshot); not counted
 CONSTRAINT_PREFIX = "constraint_"  # relative constraint values the search reports (> 0: violated)
 PARAM_OBJECTIVES = "tntsearch.objectives"  # JSON [[metric, mode, ref], ...] on the parent
 PARAM_EPOCHS = "tntsearch.epochs"

@@ -20,6 +20,7 @@ from tntsearch.tracking.schema import (
     STATUSES,
     TAG_ARCH,
     TAG_BASELINE,
+    TAG_CHECKPOINT_URI,
     TAG_INFEASIBLE,
     TAG_PARETO,
     TAG_REASON,
@@ -105,9 +106,10 @@ class TrialTable:
         })
         return st
 
-    def result(self, trial: Any, result: Mapping[str, Any]) -> None:
+    def result(self, trial: Any, result: Mapping[str, Any], checkpoint_uri: str | None = None) -> None:
         """One Tune result: the architecture and baseline once, costs when they change,
-        training metrics at step = epoch (none for an infeasible trial)."""
+        training metrics at step = epoch (none for an infeasible trial, none for an epoch
+        MLflow already holds: see :meth:`logged`), the checkpoint's URI when it moves."""
         st = self.ensure(trial)
         now = now_ms()
         log: dict[str, Any] = {"op": "log", "key": st["key"], "metrics": [], "params": {}, "tags": {}}
@@ -120,6 +122,9 @@ class TrialTable:
         if baseline != st.get("baseline", ""):
             st["baseline"] = baseline
             log["tags"][TAG_BASELINE] = baseline
+        if checkpoint_uri and checkpoint_uri != st.get("checkpoint_uri"):
+            st["checkpoint_uri"] = checkpoint_uri
+            log["tags"][TAG_CHECKPOINT_URI] = checkpoint_uri
         epoch = int(result.get("epoch", 0) or 0)
         costs = [*COST_METRICS, *(k for k in result if k.startswith(CONSTRAINT_PREFIX))]
         for name in costs:
@@ -141,7 +146,8 @@ class TrialTable:
             value = finite(result.get(name))
             if value is not None:
                 st["metrics"][name] = value
-                log["metrics"].append([name, value, epoch, now])
+                if epoch > st.get("logged_epoch", 0):
+                    log["metrics"].append([name, value, epoch, now])
         st["epoch"] = max(st.get("epoch", 0), epoch)
         st["n_results"] = st.get("n_results", 0) + 1
         if "val_top1" in st["metrics"]:
@@ -195,6 +201,19 @@ class TrialTable:
         metrics = [["hypervolume", s["hypervolume"], step, now], ["front_size", float(s["front"]), step, now]]
         metrics += [[f"trials_{k}", float(s[k]), step, now] for k in STATUSES]
         self.emit({"op": "log", "key": PARENT, "metrics": metrics})
+
+    def logged(self, epochs: Mapping[str, int]) -> None:
+        """The last epoch MLflow holds per trial (a restored search: Tune's snapshot may be
+        older than MLflow); a rerun trial does not log those epochs again."""
+        for tid, epoch in epochs.items():
+            if tid in self.trials:
+                self.trials[tid]["logged_epoch"] = max(self.trials[tid].get("logged_epoch", 0), int(epoch))
+
+    def interrupt(self) -> None:
+        """The search was interrupted: running trials' runs end KILLED (they go on at ``--resume``)."""
+        for st in self.trials.values():
+            if st["status"] == "running":
+                self.emit({"op": "end", "key": st["key"], "status": "KILLED", "time": now_ms()})
 
     def adopt(self, runs: list[Any]) -> None:
         """Bring the children of a resumed parent (MLflow runs) into the table."""
