@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -55,10 +56,12 @@ def demo_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, epoch
 
 def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None,
             on_line: Callable[[str], None] | None = None, interrupt_after: str | None = None,
+            interrupt_when: Callable[[], bool] | None = None, send: int = signal.SIGINT,
             timeout: float = 600) -> tuple[int, str]:
-    """Run the search CLI to its end; ``on_line`` sees every output line as it comes, and
-    the first line containing ``interrupt_after`` sends the CLI a SIGINT (Ctrl-C).
-    Returns the exit code and the whole output (stdout and stderr together)."""
+    """Run the search CLI to its end; ``on_line`` sees every output line as it comes. The
+    first line containing ``interrupt_after``, or ``interrupt_when()`` turning true (asked
+    every 0.2 s), sends the CLI the signal ``send`` once (default SIGINT, Ctrl-C).
+    Returns the exit code (``-9`` for SIGKILL) and the whole output (stdout and stderr together)."""
     env = dict(env or os.environ)
     # NOTE: mlflow.set_tracking_uri (in this process, other tests) exports MLFLOW_TRACKING_URI,
     # which the CLI honours; a search must log where its spec says.
@@ -68,6 +71,13 @@ def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**env, "PYTHONUNBUFFERED": "1"},
     )
+    if interrupt_when is not None:
+        def watch() -> None:
+            while proc.poll() is None and not interrupt_when():
+                time.sleep(0.2)
+            if proc.poll() is None:
+                proc.send_signal(send)
+        threading.Thread(target=watch, daemon=True).start()
     out = []
     deadline = time.monotonic() + timeout
     for line in proc.stdout:
@@ -75,7 +85,7 @@ def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
         if on_line is not None:
             on_line(line)
         if interrupt_after is not None and interrupt_after in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(send)
             interrupt_after = None
         if time.monotonic() > deadline:
             proc.kill()
