@@ -134,7 +134,7 @@ def test_measuring_task_holds_a_worker_cpus_and_the_deploy_resource(deploy_ray, 
         held.add((2 - free.get("CPU", 0), 1 - free.get("deploy_target", 0)))
         time.sleep(0.02)
     runner.join()
-    assert (1, 1) in held and max(held) == (1, 1)
+    assert (1, 1) in held and all(cpus <= 1 and target <= 1 for cpus, target in held)  # one worker's CPU
     # candidate and reference are the same architecture: the paired ratio is 1 within the noise
     assert out["throughput"] == pytest.approx(1000.0, rel=0.3) and out["latency_ms"] == pytest.approx(2.0, rel=0.3)
     assert out["throughput_raw"] > 0 and out["reference_throughput_raw"] > 0

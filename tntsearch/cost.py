@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import sys
 import time
@@ -49,6 +50,8 @@ __all__ = [
 
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MODES = ("inference", "train")
+# measure_speed times at least this long per step and round (docs/model_and_cost.md, "Measuring in a search").
+_MIN_UNIT_S = 0.05
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,18 +246,28 @@ def time_step(step: Callable[[], None], device: str | torch.device = "cpu") -> f
 
 
 def timed_rounds(steps: Mapping[str, Callable[[], None]], device: str | torch.device = "cpu",
-                 warmup: int = 2, rounds: int = 5) -> dict[str, list[float]]:
-    """Seconds per call of each step over ``rounds`` rounds, the steps interleaved within a
-    round (A B A B ...) so that a change of machine load hits all of them alike; ``warmup``
-    untimed calls of each first (allocator, kernel selection, compilation)."""
+                 warmup: int = 2, rounds: int = 5, min_time_s: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of each step over ``rounds`` rounds, after ``warmup`` untimed calls of
+    each (allocator, kernel selection, compilation).
+
+    The steps are interleaved within a round, in alternating order (A B, B A, ...), so that a
+    change of machine load hits all of them alike and none is always first. A timed unit
+    repeats a step as many calls as it takes to last ``min_time_s`` (counted from one more
+    untimed call), so that one scheduler tick on a busy CPU cannot dominate a short step.
+    """
     _check_counts(warmup=(warmup, 0), rounds=(rounds, 1))
-    for step in steps.values():
+    device = torch.device(device)
+    calls = {}
+    for name, step in steps.items():
         for _ in range(warmup):
             step()
+        calls[name] = max(1, math.ceil(min_time_s / time_step(step, device))) if min_time_s > 0 else 1
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(time_step(step, device))
+    order = list(steps)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            step, n = steps[name], calls[name]
+            times[name].append(time_step(lambda: [step() for _ in range(n)], device) / n)
     return times
 
 
@@ -296,7 +309,8 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
                   img_size: int | None = None, reference: TNTConfig | str | nn.Module | None = None,
                   reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
     """Inference ``throughput`` (images/s at ``batch_size``) and ``latency_ms`` (one image),
-    each the median over ``rounds`` interleaved rounds (docs/model_and_cost.md, "Measuring").
+    each the median over ``rounds`` interleaved rounds of at least 50 ms per step
+    (:func:`timed_rounds`; docs/model_and_cost.md, "Measuring in a search").
 
     With a ``reference`` model and its ``reference_speed`` = (images/s, ms) measured on the
     same device when it was quiet, every round times candidate and reference back to back
@@ -320,7 +334,7 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
         steps[f"{name} batch"] = make_step(model, device, batch_size, size, "inference", precision, classes,
                                            compile=compile)
         steps[f"{name} one"] = make_step(model, device, 1, size, "inference", precision, classes, compile=compile)
-    times = timed_rounds(steps, device, warmup, rounds)
+    times = timed_rounds(steps, device, warmup, rounds, min_time_s=_MIN_UNIT_S)
     out = {"throughput": batch_size / statistics.median(times["candidate batch"]),
            "latency_ms": 1e3 * statistics.median(times["candidate one"])}
     if reference is None:
