@@ -108,3 +108,41 @@ def test_runs_of_forgotten_trials_are_orphaned_and_out_of_the_front(faulted):
         if c.data.tags.get("tntsearch.orphaned") == "true":
             assert c.data.tags["ray.trial_id"] not in trials
             assert c.info.status == "KILLED" and c.data.tags.get("pareto") != "true"
+
+
+def test_replayed_starts_find_their_runs_and_reconcile_orphans_forgotten_trials(tmp_path):
+    """The two store-side rules, on a real SQLite store without Ray: a tracker restored from
+    an older snapshot replays a ``start`` it had delivered (same run, not a second one) and a
+    metric (one copy); ``reconcile`` ends the run of a trial Tune forgot as an orphan and
+    reports the last epoch MLflow holds for the others."""
+    from tntsearch.tracking import prepare_store, search_children
+    from tntsearch.tracking.outbox import PARENT, Outbox
+
+    uri = prepare_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = Outbox(uri, tmp_path / "pending.jsonl")
+    first.add({"op": "experiment", "name": "x"})
+    first.add({"op": "start", "key": PARENT, "parent": None, "name": "search", "tags": {}})
+    snapshot = first.get_state()  # Tune's snapshot: the trials' starts not delivered yet
+    for tid in ("a", "b"):
+        first.add({"op": "start", "key": f"trial:{tid}", "parent": PARENT, "name": tid, "tags": {"ray.trial_id": tid}})
+    first.add({"op": "log", "key": "trial:a", "metrics": [["val_top1", 50.0, 1, 1000]]})
+    assert first.flush()
+
+    restored = Outbox(uri, tmp_path / "pending2.jsonl")
+    restored.uid = first.uid  # pickled with the tracker
+    restored.set_state(snapshot)
+    restored.add({"op": "start", "key": "trial:a", "parent": PARENT, "name": "a", "tags": {"ray.trial_id": "a"}})
+    restored.add({"op": "log", "key": "trial:a", "metrics": [["val_top1", 50.0, 1, 1000]]})
+    restored.add({"op": "reconcile", "trials": ["a"]})  # Tune restored trial a only
+    assert restored.flush()
+
+    client = restored.client
+    assert restored.run_ids["trial:a"] == first.run_ids["trial:a"]
+    assert restored.reconciled == {"a": 1}
+    assert [m.step for m in client.get_metric_history(first.run_ids["trial:a"], "val_top1")] == [1]
+    orphan = client.get_run(first.run_ids["trial:b"])
+    assert orphan.info.status == "KILLED" and orphan.data.tags["tntsearch.orphaned"] == "true"
+    assert orphan.data.tags["status"] == "orphaned"
+    kids = search_children(client, restored.experiment_id, restored.run_ids[PARENT])
+    assert [r.data.tags["ray.trial_id"] for r in kids] == ["a"]
+    assert len(client.search_runs([restored.experiment_id])) == 3  # parent, a, b: nothing doubled
