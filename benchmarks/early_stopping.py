@@ -1,0 +1,177 @@
+"""Early stopping: no stopping, ASHA on ``val_top1`` and MO-ASHA over all objectives.
+
+On the digits demo space (search_spaces/demo.yaml), for each seed, three searches of the
+same N trials side by side in one run: ``search.scheduler.type`` ``none``, ``asha`` and
+``moasha``, the same grace period and reduction factor, the same seed, baselines, epochs
+and training seed. Printed: each search's wall time, the hypervolume of its final front
+(the spec's reference point; a stopped trial counts with the accuracy it reached,
+docs/early_stopping.md) and, per scheduler, which architectures of ``none``'s front it
+stopped early. Then per scheduler the mean and seed-to-seed spread of both, and the
+issue's targets: MO-ASHA's hypervolume within ``none``'s seed-to-seed spread in at most 60%
+of its wall time, and no more ``none``-front architectures stopped than ASHA.
+
+Random search by default, so that the three searches of a seed propose the same
+architectures (a random sampler's proposals do not depend on the results) and differ only
+in what they stop; ``--algorithm nsga2`` lets results steer proposals. The throughput
+constraint is dropped, as in ``search_quality.py``: on a shared machine load, not the
+scheduler, would decide which architectures are feasible.
+
+    python benchmarks/early_stopping.py [--samples 24] [--epochs 15] [--seeds 0 1 2] [--grace-period 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tntsearch.tracking import TELEMETRY_ENV  # noqa: E402  (first: MLflow telemetry off)
+
+__all__ = ["compare", "main"]
+
+SCHEDULERS = ("none", "asha", "moasha")
+
+
+def _digits(work: Path) -> tuple[Path, Path]:
+    """The demo's .beton files (``make demo``), or written into ``work`` if missing."""
+    train, val = ROOT / "data" / "digits_train.beton", ROOT / "data" / "digits_val.beton"
+    if train.is_file() and val.is_file():
+        return train, val
+    from tntsearch.data import convert
+
+    train, val = work / "digits_train.beton", work / "digits_val.beton"
+    convert("digits", train, split="train", num_workers=1)
+    convert("digits", val, split="val", num_workers=1)
+    return train, val
+
+
+def _spec(work: Path, data: tuple[Path, Path], scheduler: str, seed: int, args: argparse.Namespace) -> Path:
+    raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
+    raw["name"] = f"stopping-{scheduler}-s{seed}"
+    raw["data"].update(train=str(data[0]), val=str(data[1]))
+    raw["train"].update(epochs=args.epochs, warmup_epochs=min(raw["train"].get("warmup_epochs", 1), args.epochs - 1), seed=seed)
+    raw["search"].update(algorithm=args.algorithm, seed=seed, num_samples=args.samples, scheduler={
+        "type": scheduler, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor})
+    raw["constraints"]["min_throughput"] = None
+    raw["mlflow"]["experiment"] = "early-stopping"
+    raw["storage"] = str(work / "ray_results")
+    path = work / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _arch_key(arch: dict[str, Any]) -> str:
+    return json.dumps(arch, sort_keys=True)
+
+
+def _label(arch: dict[str, Any]) -> str:
+    blocks = ",".join(str(b) for b in arch.get("tnt_blocks", [])) or "-"
+    return f"c{arch.get('inner_dim')}/m{arch.get('words')}/h{arch.get('inner_heads')}/se:{arch.get('se')}/tnt:{blocks}"
+
+
+def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str, Any]]:
+    """Run the three searches for every seed; one dict per seed and scheduler: wall time,
+    hypervolume, counts, front architectures and the epoch every architecture reached."""
+    import ray
+
+    from tntsearch.run import prepare, search
+
+    work = Path(work or tempfile.mkdtemp(prefix="tntsearch-stopping-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = _digits(work)
+    # NOTE: with the dashboard: a stopped trial's Train workers are freed by Ray Train's
+    # placement-group cleaner, which watches the run through the State API that the
+    # dashboard serves. Without it their CPUs stay reserved and the next trials wait forever.
+    ray.init(num_cpus=args.num_cpus or os.cpu_count(), log_to_driver=False, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
+    os.chdir(work)  # the searches' MLflow store: <work>/mlflow.db
+    out = []
+    try:
+        for seed in args.seeds:
+            for scheduler in SCHEDULERS:
+                path = _spec(work, data, scheduler, seed, args)
+                spec = prepare(path)
+                tic = time.perf_counter()
+                outcome = search(spec, path, progress_interval=1e9)
+                if outcome.interrupted:
+                    raise RuntimeError(f"search {spec.name} was interrupted: {outcome.summary}")
+                out.append({
+                    "seed": seed,
+                    "scheduler": scheduler,
+                    "wall_s": time.perf_counter() - tic,
+                    "hypervolume": outcome.summary["hypervolume"],
+                    "counts": {k: outcome.summary[k] for k in ("completed", "stopped_early", "infeasible", "failed")},
+                    "front": {_arch_key(r["arch"]): r["arch"] for r in outcome.front},
+                    "stopped": {_arch_key(r["arch"]) for r in outcome.rows if r["status"] == "stopped_early"},
+                })
+    finally:
+        ray.shutdown()
+    return out
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=24, help="trials per search (the baselines included)")
+    ap.add_argument("--epochs", type=int, default=15, help="epochs of a trial that is not stopped (the demo's 15)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--grace-period", type=int, default=2, help="first rung, in epochs (asha and moasha)")
+    ap.add_argument("--reduction-factor", type=float, default=2.0)
+    ap.add_argument("--algorithm", choices=("random", "nsga2", "tpe"), default="random",
+                    help="sampler; random proposes the same architectures under every scheduler")
+    ap.add_argument("--workdir", help="where searches, data and mlflow.db go (default: a new temp dir)")
+    ap.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
+    args = ap.parse_args(argv)
+    if args.samples < 1 or args.epochs < 1 or args.grace_period < 1:
+        print("error: --samples, --epochs and --grace-period must be >= 1", file=sys.stderr)
+        return 2
+    tic = time.perf_counter()
+    rows = compare(args, work=args.workdir and Path(args.workdir))
+    by = {(r["seed"], r["scheduler"]): r for r in rows}
+    print(f"\nearly_stopping: digits demo space, {args.samples} trials x {args.epochs} epochs, {args.algorithm} sampler, "
+          f"grace period {args.grace_period}, reduction factor {args.reduction_factor:g}, seeds {args.seeds}; "
+          "hypervolume of (val_top1 max, macs min), demo reference point")
+    print(f"{'seed':>4}  {'scheduler':<9}  {'wall (s)':>8}  {'HV':>10}  {'HV/none':>7}  {'wall/none':>9}  counts")
+    for r in rows:
+        base = by[(r["seed"], "none")]
+        print(f"{r['seed']:>4}  {r['scheduler']:<9}  {r['wall_s']:8.0f}  {r['hypervolume']:10.4g}  "
+              f"{r['hypervolume'] / base['hypervolume'] if base['hypervolume'] else float('nan'):7.3f}  "
+              f"{r['wall_s'] / base['wall_s']:9.3f}  {r['counts']}")
+    print("\narchitectures on none's front that a scheduler stopped early:")
+    lost_seeds = {}
+    for seed in args.seeds:
+        front = by[(seed, "none")]["front"]
+        print(f"seed {seed}: none's front has {len(front)}: {', '.join(_label(a) for a in front.values())}")
+        for scheduler in SCHEDULERS[1:]:
+            stopped = [_label(front[k]) for k in front if k in by[(seed, scheduler)]["stopped"]]
+            lost_seeds[scheduler] = lost_seeds.get(scheduler, 0) + bool(stopped)
+            print(f"  {scheduler:<7} stopped {len(stopped)}: {', '.join(stopped) or '-'}")
+    print("\nper scheduler, over seeds (mean +- std):")
+    hv = {s: [by[(seed, s)]["hypervolume"] for seed in args.seeds] for s in SCHEDULERS}
+    wall = {s: [by[(seed, s)]["wall_s"] for seed in args.seeds] for s in SCHEDULERS}
+    for s in SCHEDULERS:
+        print(f"  {s:<7} HV {statistics.mean(hv[s]):.4g} +- {_spread(hv[s]):.3g}   wall {statistics.mean(wall[s]):.0f} +- "
+              f"{_spread(wall[s]):.0f} s ({statistics.mean(wall[s]) / statistics.mean(wall['none']):.2f} of none)   "
+              f"seeds where a none-front architecture was stopped: {lost_seeds.get(s, 0)}/{len(args.seeds)}")
+    hv_ok = statistics.mean(hv["moasha"]) >= statistics.mean(hv["none"]) - _spread(hv["none"])
+    wall_ok = statistics.mean(wall["moasha"]) <= 0.6 * statistics.mean(wall["none"])
+    front_ok = lost_seeds["moasha"] <= lost_seeds["asha"]
+    print(f"\ntargets: moasha HV within none's spread: {hv_ok}; moasha wall <= 60% of none: {wall_ok}; "
+          f"moasha stops none-front architectures in no more seeds than asha: {front_ok}; total {time.perf_counter() - tic:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
