@@ -5,7 +5,8 @@ trial or a user runs, and ``python -m tntsearch.train`` (see docs/train.md, docs
   ``ray.train.get_checkpoint()`` and calls ``fit`` with a reporter that hands
   ``ray.train.report`` the metrics and a checkpoint.
 - :func:`make_trainer` builds the ``TorchTrainer`` from a spec (workers, resources,
-  failure handling).
+  failure handling) through :func:`torch_trainer`, which ``tntsearch.supernet`` shares with
+  :func:`ray_report` and :func:`ray_start_state` for its own loop.
 - :func:`main` trains one architecture from the command line, printing every epoch as it
   finishes (:class:`ForwardReports`).
 """
@@ -16,7 +17,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ from tntsearch.spec import DataSpec, SearchSpec, TrainSpec
 from tntsearch.tracking import TELEMETRY_ENV  # MLflow telemetry off in every process Ray starts
 from tntsearch.train import CHECKPOINT_FILE, TRAIN_METRICS, fit, load_state
 
-__all__ = ["ForwardReports", "train_loop_per_worker", "make_trainer", "resolve_arch", "main"]
+__all__ = ["ForwardReports", "ray_report", "ray_start_state", "train_loop_per_worker", "torch_trainer", "make_trainer",
+           "resolve_arch", "main"]
 
-REPORT_POLL_INTERVAL_S = "0.2"  # how often Ray Train collects the workers' reports (see make_trainer)
+REPORT_POLL_INTERVAL_S = "0.2"  # how often Ray Train collects the workers' reports (see torch_trainer)
 
 
-def _ray_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+def ray_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """``ray.train.report`` on every rank; rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -43,6 +45,17 @@ def _ray_report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(state, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def ray_start_state() -> dict[str, Any] | None:
+    """The state saved in ``ray.train.get_checkpoint()`` (a resumed or retried run), else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return load_state(d)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -55,18 +68,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # NOTE: the Ray node that trains (rank 0's reaches Tune's results): every node of a
     # one-machine cluster has the same ``node_ip``; the node id tells them apart.
     extra = {**(config.get("extra_metrics") or {}), "node_id": ray.get_runtime_context().get_node_id()}
-    start_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start_state = load_state(d)
     fit(
         TNTConfig.from_dict(config["arch"]),
         DataSpec.model_validate(config["data"]),
         TrainSpec.model_validate(config["train"]),
         device=ray.train.torch.get_device(),
-        report=_ray_report,
-        start_state=start_state,
+        report=ray_report,
+        start_state=ray_start_state(),
         extra_metrics=extra,
         stop_epoch=config.get("stop_epoch"),
         prepare_model=ray.train.torch.prepare_model,
@@ -91,14 +99,7 @@ def make_trainer(
     a worker failure is retried ``spec.resources.max_failures`` times, each retry resuming
     from the latest checkpoint. Pass ``callbacks=[TuneReportCallback()]`` inside a Tune trial.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     arch = get_config(arch)
-    r = spec.resources
-    resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        resources["GPU"] = r.gpus_per_worker
     config = {
         "arch": arch.to_dict(),
         "data": spec.data.model_dump(mode="json"),
@@ -109,13 +110,36 @@ def make_trainer(
     clash = sorted(set(config["extra_metrics"]) & set(TRAIN_METRICS))
     if clash:
         raise ValueError(f"extra_metrics may not use the training metric names {clash}")
+    return torch_trainer(train_loop_per_worker, config, spec, name=name, storage_path=storage_path,
+                         callbacks=callbacks, num_to_keep=num_to_keep)
+
+
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    spec: SearchSpec,
+    *,
+    name: str,
+    storage_path: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] | None = None,
+    num_to_keep: int | None = 2,
+):
+    """The ``TorchTrainer`` running ``loop(config)`` on the spec's workers and resources, named
+    ``name`` under ``storage_path`` (default ``spec.storage``), retried ``max_failures`` times."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    r = spec.resources
+    resources = {"CPU": r.cpus_per_worker}
+    if r.use_gpu:
+        resources["GPU"] = r.gpus_per_worker
     # NOTE: Ray Train's controller collects reports when it polls its workers, every
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker blocks on its second
     # unpolled report: epochs shorter than the interval waited for it (the demo's 0.9 s epochs
     # took 2.1 s). ``fit`` hands this process's value to the controller; a user's value wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

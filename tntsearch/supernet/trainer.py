@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tntsearch.spec import SearchSpec
-from tntsearch.tracking import TELEMETRY_ENV
-from tntsearch.trainer import REPORT_POLL_INTERVAL_S, ForwardReports, _ray_report
-from tntsearch.train import load_state
+from tntsearch.trainer import ForwardReports, ray_report, ray_start_state, torch_trainer
 
 __all__ = ["TAG_SUPERNET", "train_loop_per_worker", "make_supernet_trainer", "format_epoch", "run_supernet"]
 
@@ -28,18 +26,12 @@ TAG_SUPERNET = "tntsearch.supernet_run"  # the Ray Train run name, on the MLflow
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train loop: ``config`` holds the spec (``model_dump(mode="json")``) and
     ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``."""
-    import ray.train
     import ray.train.torch
 
     from tntsearch.supernet.train import fit_supernet
 
-    start_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start_state = load_state(d)
     fit_supernet(SearchSpec.model_validate(config["spec"]), device=ray.train.torch.get_device(),
-                 report=_ray_report, start_state=start_state, stop_epoch=config.get("stop_epoch"))
+                 report=ray_report, start_state=ray_start_state(), stop_epoch=config.get("stop_epoch"))
 
 
 def make_supernet_trainer(
@@ -51,29 +43,12 @@ def make_supernet_trainer(
     stop_epoch: int | None = None,
     num_to_keep: int | None = 2,
 ):
-    """The ``TorchTrainer`` that trains ``spec``'s supernet with its data, recipe and resources."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+    """The ``TorchTrainer`` that trains ``spec``'s supernet with its data, recipe and resources
+    (``tntsearch.trainer.torch_trainer``: workers, retries, checkpoint retention)."""
     if spec.supernet is None:
         raise ValueError("the spec has no supernet section (epochs, sampling, k, distill)")
-    r = spec.resources
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    # NOTE: see tntsearch.trainer.make_trainer: reports are collected every 0.2 s, not 2 s.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "stop_epoch": stop_epoch},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage_path if storage_path is not None else spec.storage),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
-            callbacks=list(callbacks or []),
-            worker_runtime_env={"env_vars": dict(TELEMETRY_ENV)},
-        ),
-    )
+    return torch_trainer(train_loop_per_worker, {"spec": spec.model_dump(mode="json"), "stop_epoch": stop_epoch},
+                         spec, name=name, storage_path=storage_path, callbacks=callbacks, num_to_keep=num_to_keep)
 
 
 def format_epoch(metrics: Mapping[str, Any]) -> str:
