@@ -4,10 +4,12 @@
     python -m tntsearch.report --run-id PARENT_RUN_ID [--out DIR] [--tracking-uri URI]
     python -m tntsearch.report --import mlflow-pending-....jsonl [--tracking-uri URI]
 
-The first two print the front as a table and write its pictures (PNG per accuracy/cost pair
-and one interactive ``front.html``) to ``--out``. The objectives and their hypervolume
-reference point come from the parent run (param ``tntsearch.objectives``), so the numbers
-match what the search logged. ``--import`` replays the records a search could not deliver
+The first two print the front as a table and write to ``--out`` its pictures (PNG per
+accuracy/cost pair, one interactive ``front.html``) and ``report.html``: one self-contained page
+with those pictures, the hypervolume over time, the baselines' places and a filterable table of
+every trial (``tntsearch.report_page``); the last line printed is its path. The objectives
+and their hypervolume reference point come from the parent run (param
+``tntsearch.objectives``), so the numbers match what the search logged. ``--import`` replays the records a search could not deliver
 (tracking server down at the end) and rebuilds the front's artifacts on the parent run.
 
 Without ``--tracking-uri``: ``$MLFLOW_TRACKING_URI`` if set, else the embedded store of the
@@ -245,6 +247,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from tntsearch.report_page import write_report  # imports Ray (through the screen's numbers)
+
     args = _parser().parse_args(argv)
     try:
         with fail_fast_http(30):
@@ -252,9 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parent = import_fallback(args.import_file, args.tracking_uri)
                 print(f"imported {args.import_file} into parent run {parent}")
                 return 0
-            search = load_search(args.tracking_uri, experiment=args.experiment, run_id=args.run_id)
+            client = _client(args.tracking_uri)
+            search = load_search(client=client, experiment=args.experiment, run_id=args.run_id)
+            history = client.get_metric_history(search.parent_run_id, "hypervolume")
         out = Path(args.out or f"pareto-{search.parent_run_id[:8]}")
         paths = write_plots(search, out)
+        page = write_report(search, out / "report.html", history)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Pareto front ({len(front)} trials):")
     print(front_table(front, search.objectives))
     print(f"pictures: {', '.join(str(p) for p in paths)}")
+    print(f"report: {page.resolve()}")
     return 0
 
 

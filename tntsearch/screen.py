@@ -239,6 +239,7 @@ class _Routing:
 
     def close(self) -> None:
         sys.stdout, sys.stderr = self.streams
+        logging.captureWarnings(False)
         logging.getLogger("tntsearch").removeHandler(self.ours)
         for lg in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
             if isinstance(lg, logging.Logger) and self.handler in lg.handlers:
