@@ -294,8 +294,9 @@ class MlflowTracker(Callback):
         self._flush()
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # Only deliveries here: Tune runs this every loop step and warns when it is slow;
+        # drawing the front (~1 s) waits for the next trial's end, or the search's.
         self._flush()
-        self._maybe_publish()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Fewer finished trials than the search's samples mean an interruption (Ctrl-C,
