@@ -89,32 +89,34 @@ def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str
     work = Path(work or tempfile.mkdtemp(prefix="tntsearch-stopping-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     data = _digits(work)
-    # NOTE: with the dashboard: a stopped trial's Train workers are freed by Ray Train's
-    # placement-group cleaner, which watches the run through the State API that the
-    # dashboard serves. Without it their CPUs stay reserved and the next trials wait forever.
-    ray.init(num_cpus=args.num_cpus or os.cpu_count(), log_to_driver=False, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
     os.chdir(work)  # the searches' MLflow store: <work>/mlflow.db
     out = []
-    try:
-        for seed in args.seeds:
-            for scheduler in SCHEDULERS:
-                path = _spec(work, data, scheduler, seed, args)
-                spec = prepare(path)
+    for seed in args.seeds:
+        for scheduler in SCHEDULERS:
+            path = _spec(work, data, scheduler, seed, args)
+            spec = prepare(path)
+            # NOTE: a fresh Ray per search, as the CLI has. In one Ray session for all the
+            # searches, the Train placement groups of trials ASHA stopped stayed reserved
+            # (their cleaner actors alive, 0 CPUs free) and the next search waited forever.
+            ray.init(num_cpus=args.num_cpus or os.cpu_count(), log_to_driver=False,
+                     runtime_env={"env_vars": dict(TELEMETRY_ENV)})
+            try:
                 tic = time.perf_counter()
                 outcome = search(spec, path, progress_interval=1e9)
-                if outcome.interrupted:
-                    raise RuntimeError(f"search {spec.name} was interrupted: {outcome.summary}")
-                out.append({
-                    "seed": seed,
-                    "scheduler": scheduler,
-                    "wall_s": time.perf_counter() - tic,
-                    "hypervolume": outcome.summary["hypervolume"],
-                    "counts": {k: outcome.summary[k] for k in ("completed", "stopped_early", "infeasible", "failed")},
-                    "front": {_arch_key(r["arch"]): r["arch"] for r in outcome.front},
-                    "stopped": {_arch_key(r["arch"]) for r in outcome.rows if r["status"] == "stopped_early"},
-                })
-    finally:
-        ray.shutdown()
+                wall = time.perf_counter() - tic
+            finally:
+                ray.shutdown()
+            if outcome.interrupted:
+                raise RuntimeError(f"search {spec.name} was interrupted: {outcome.summary}")
+            out.append({
+                "seed": seed,
+                "scheduler": scheduler,
+                "wall_s": wall,
+                "hypervolume": outcome.summary["hypervolume"],
+                "counts": {k: outcome.summary[k] for k in ("completed", "stopped_early", "infeasible", "failed")},
+                "front": {_arch_key(r["arch"]): r["arch"] for r in outcome.front},
+                "stopped": {_arch_key(r["arch"]) for r in outcome.rows if r["status"] == "stopped_early"},
+            })
     return out
 
 
