@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         screen.stop_live()
         for part in _summary(spec, outcome, screen):
             screen.print(part)
+        import ray
+
+        ray.shutdown()  # before the screen lets go of stdout: late worker lines go to the log too
     if outcome.interrupted:
         print(f"interrupted: continue with `python -m tntsearch.run {args.spec} --resume`", file=sys.stderr)
         return EXIT_TERMINATED if terminated.is_set() else EXIT_INTERRUPTED
