@@ -90,7 +90,7 @@ def test_records_buffered_while_the_server_was_down_all_arrive(dashboard):
     pending, parent, fallback_written = dashboard["buffered_while_down"]
     assert pending > 0 and parent is None and fallback_written
     tracker = dashboard["tracker"]
-    assert tracker.pending == 0 and tracker.dropped == [] and tracker.parent_run_id
+    assert tracker.pending == 0 and tracker.undeliverable == [] and tracker.parent_run_id
     assert not (dashboard["base"] / "pending.jsonl").exists()  # delivered: nothing left to import
 
 

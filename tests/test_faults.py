@@ -113,7 +113,7 @@ class _Injector:
                     self._maybe_kill(results)
                 elif self.down_at is not None and sum(map(len, results.values())) > self._results_when_down:
                     self._bring_back()  # the search went on without MLflow: a result came in
-                if self.down_at is not None and self.back_at is None and list(self.cwd.glob("mlflow-pending-*.jsonl")):
+                if self.down_at is not None and self.back_at is None and list(self.cwd.rglob("mlflow-pending*.jsonl")):
                     self.fallback_seen = True
                 time.sleep(0.2)
         except Exception as e:  # noqa: BLE001 - reported by the tests
@@ -235,7 +235,7 @@ def test_records_made_while_mlflow_was_down_arrive_when_it_is_back(faulted):
     down, (restart, _) = inj.down_at, inj.back_at
     assert "unreachable" in faulted["out"]  # the tracker noticed the outage ...
     assert inj.fallback_seen  # ... kept the undelivered records on disk meanwhile ...
-    assert not list(faulted["cwd"].glob("mlflow-pending-*.jsonl"))  # ... and delivered them all
+    assert not list(faulted["cwd"].rglob("mlflow-pending*.jsonl"))  # ... and delivered them all
     assert "reachable again; all records delivered" in faulted["out"]
     client = mlflow.MlflowClient(faulted["server"].url)
     made_while_down = []

@@ -52,7 +52,7 @@ def test_records_arrive_in_order_and_are_forgotten(template_db, tmp_path):
     _search(outbox, "ok")
     assert outbox.pending == 9 and [r["seq"] for r in outbox.records] == list(range(9))
     assert outbox.flush()
-    assert outbox.pending == 0 and outbox.delivered == 9 and outbox.dropped == []
+    assert outbox.pending == 0 and outbox.delivered == 9 and outbox.undeliverable == []
     assert not (tmp_path / "pending.jsonl").exists()
     children = _children(uri, "ok")
     assert sorted(children) == ["t0", "t1"]
@@ -94,3 +94,57 @@ def test_state_round_trip_continues_the_sequence(tmp_path):
     restored.set_state(outbox.get_state())
     restored.add({"op": "end", "key": PARENT, "status": "KILLED"})
     assert [r["seq"] for r in restored.records] == list(range(7))
+
+
+def test_a_refused_record_and_the_rest_of_its_run_go_to_the_fallback_file(template_db, tmp_path):
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    uri = resolve_tracking_uri(None, tmp_path)
+    outbox = Outbox(uri, tmp_path / "pending.jsonl")
+    _search(outbox, "refused")
+    outbox.flush()
+    # MLflow refuses a param that changes value (HTTP 400): not worth retrying.
+    outbox.add({"op": "log", "key": "trial:t0", "params": {"depth": "7"}})
+    outbox.add({"op": "log", "key": "trial:t0", "metrics": [["val_top1", 0.9, 3, 1003]]})
+    outbox.add({"op": "log", "key": "trial:t1", "metrics": [["val_top1", 0.9, 3, 1003]]})
+    assert outbox.flush()  # nothing left to retry ...
+    # ... but nothing dropped: both records of t0 are kept on disk, t1's got through.
+    assert [r["key"] for r in outbox.undeliverable] == ["trial:t0", "trial:t0"]
+    assert "log record refused" in outbox.rejected["trial:t0"] and "depth" in outbox.rejected["trial:t0"]
+    header, records = read_fallback(tmp_path / "pending.jsonl")
+    assert records == outbox.undeliverable and header["run_ids"] == outbox.run_ids
+    children = _children(uri, "refused")
+    assert children["t0"].data.params["depth"] == "0" and children["t0"].data.metrics["val_top1"] == 0.2
+    assert children["t1"].data.metrics["val_top1"] == 0.9
+
+
+def test_a_restored_outbox_takes_the_newer_file_and_delivers_each_record_once(template_db, tmp_path):
+    """A driver that died during an outage, resumed from Tune's last checkpoint (which
+    holds fewer records than the fallback file), then resumed from it once more."""
+    down = tmp_path / "store"
+    down.write_text("the store is down")
+    uri = resolve_tracking_uri(None, down)
+    fallback = tmp_path / "ray_results" / "mlflow-pending.jsonl"
+    outbox = Outbox(uri, fallback)
+    outbox.add({"op": "experiment", "name": "restored"})
+    outbox.add({"op": "start", "key": PARENT, "parent": None, "name": "search", "tags": {}})
+    checkpoint = outbox.get_state()  # Tune's last experiment checkpoint
+    outbox.add({"op": "start", "key": "trial:t0", "parent": PARENT, "name": "t0", "tags": {"ray.trial_id": "t0"}})
+    assert not outbox.flush()  # the outage: the file is written ...
+    outbox.add({"op": "log", "key": "trial:t0", "metrics": [["val_top1", 0.5, 1, 2000]]})  # ... and appended to
+    assert len(read_fallback(fallback)[1]) == 4
+    # The driver dies here. The store comes back; the search is resumed from the checkpoint.
+    down.unlink()
+    down.mkdir()
+    shutil.copy(template_db, down / "mlflow.db")
+    restored = Outbox(uri, fallback)
+    restored.set_state(checkpoint)
+    assert restored.pending == 4 and restored.drain(timeout_s=10)
+    client = MlflowClient(uri)
+    children = _children(uri, "restored")
+    assert list(children) == ["t0"]
+    assert [m.value for m in client.get_metric_history(children["t0"].info.run_id, "val_top1")] == [0.5]
+    assert not fallback.exists()  # everything is in the store
+    again = Outbox(uri, fallback)
+    again.set_state(checkpoint)  # restored once more from the same checkpoint: nothing doubles
+    assert again.drain(timeout_s=10) and again.skipped == 1  # the parent's start; the experiment is looked up
+    assert len(client.search_runs([children["t0"].info.experiment_id])) == 2

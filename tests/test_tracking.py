@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cluster_utils import free_port
-from tntsearch import report
+from search_utils import demo_spec
+from tntsearch import report, run
 from tntsearch.tracking import (
     MlflowTracker,
     TAG_ARCH,
@@ -170,7 +171,7 @@ def test_every_trial_has_one_child_run_with_all_its_records(searched):
     client = MlflowClient(uri)
     children = _children(client, tracker.parent_run_id)
     assert len(children) == len(TRIALS) == len(names)
-    assert tracker.pending == 0 and tracker.dropped == []
+    assert tracker.pending == 0 and tracker.undeliverable == []
     by_name = {names[c.data.tags["ray.trial_id"]]: c for c in children}
     assert set(by_name) == set(TRIALS)
     for name, run in by_name.items():
@@ -343,3 +344,49 @@ def test_report_cli_refuses_a_missing_store(tmp_path, monkeypatch, capsys):
     assert report.main(["--experiment", "x"]) == 2
     assert "no tracking store at" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # reading never creates an empty store
+
+
+def test_importing_a_fallback_file_twice_is_harmless(searched, template_db, tmp_path):
+    fallback = searched[2] / "pending.jsonl"
+    store = _store(template_db, tmp_path)
+    assert report.main(["--import", str(fallback), "--tracking-uri", store]) == 0
+    client = MlflowClient(store)
+
+    def everything():
+        runs = client.search_runs([client.get_experiment_by_name("offline-exp").experiment_id])
+        return sorted((r.info.run_name, r.info.status, sorted(r.data.params.items()), sorted(
+            (k, [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)]) for k in r.data.metrics))
+            for r in runs)
+    once = everything()
+    assert len(once) == 1 + len(TRIALS)
+    assert report.main(["--import", str(fallback), "--tracking-uri", store]) == 0
+    assert everything() == once
+
+
+def test_an_error_drawing_the_front_is_a_warning_and_the_parent_run_ends(template_db, tmp_path, caplog):
+    uri = _store(template_db, tmp_path)
+    # Matplotlib cannot draw this title (an unknown TeX symbol): a real drawing error.
+    tracker = MlflowTracker(uri, "bad-title", _spec(), None, OBJECTIVES, EPOCHS, run_name=r"$\nosuchsymbol$")
+    tracker.setup()
+    assert tracker.close() is None
+    parent = MlflowClient(uri).get_run(tracker.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert any("could not draw the Pareto plots" in r.getMessage() and "nosuchsymbol" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("where, what", [
+    ("sqlite:////proc/no/such/dir/x.db", "FileNotFoundError"),
+    ("http://127.0.0.1:{port}", "ConnectionRefusedError"),
+])
+def test_an_unusable_tracking_store_stops_the_search_before_ray_starts(where, what, digits, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = where.format(port=free_port())
+    spec = demo_spec(tmp_path, digits, "nostore", num_samples=1, epochs=1, tracking_uri=uri)
+    ray_before = ray.is_initialized()
+    assert run.main([str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: `mlflow.tracking_uri` {uri}:") and what in err[0]
+    assert ray.is_initialized() == ray_before  # refused before Ray was started

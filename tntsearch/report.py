@@ -31,7 +31,7 @@ from tntsearch.tracking import (  # first: disables MLflow telemetry before MLfl
     PARAM_EPOCHS,
     PARAM_OBJECTIVES,
     TAG_ROLE,
-    RecordReplayer,
+    Outbox,
     default_artifact_location,
     fail_fast_http,
     search_children,
@@ -200,38 +200,43 @@ def write_plots(search: SearchResult, out_dir: str | os.PathLike[str]) -> list[P
 
 
 def import_fallback(path: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
-    """Replay a tracker's fallback file; return the parent run id.
+    """Replay a tracker's fallback file through an :class:`~tntsearch.tracking.Outbox`;
+    return the parent run id.
 
     A file from a search whose store never answered holds every record and can go into
     any store (``tracking_uri``, default: the one the search named). A file from a store
     that went away mid-search continues runs that store already has (its header lists
-    them): it must go back into that store. The front's pictures are then rebuilt on the
-    parent run from what the store holds.
+    them): it must go back into that store. Importing is idempotent: records the store
+    holds already (an earlier import, a resumed search) are skipped. The front's pictures
+    are then rebuilt on the parent run from what the store holds.
     """
-    header, records = read_fallback(path)
+    header, _ = read_fallback(path)
     uri = resolve_tracking_uri(tracking_uri or header.get("tracking_uri"), Path.cwd())
-    client = MlflowClient(tracking_uri=uri)
+    outbox = Outbox(uri, path, meta={k: header[k] for k in ("experiment", "objectives") if k in header}, http_timeout_s=30)
+    outbox.absorb(path)
     run_ids = header.get("run_ids") or {}
     with fail_fast_http(30):
         if run_ids:
             try:
-                parent = client.get_run(run_ids["parent"])
+                outbox.experiment_id = MlflowClient(uri).get_run(run_ids["parent"]).info.experiment_id
             except Exception:  # noqa: BLE001 - MLflow raises its own "not found"
                 raise ValueError(
                     f"{path}: continues runs of {header.get('tracking_uri')} (parent run {run_ids.get('parent')}), "
                     f"which {uri} does not have; import it into that store"
                 ) from None
-            replayer = RecordReplayer(client, run_ids, parent.info.experiment_id)
         else:
-            replayer = RecordReplayer(client)
             # Artifacts of a new experiment go where this store keeps them, not the original's.
-            records = [{**r, "artifact_location": default_artifact_location(uri)} if r["op"] == "experiment" else r
-                       for r in records]
-        for rec in records:
-            replayer.apply(rec)
-        parent_id = replayer.run_ids["parent"]
-        search = load_search(client=client, run_id=parent_id)
-        publish_front(client, parent_id, search.rows, search.objectives, title=search.name)
+            for rec in outbox.records:
+                if rec["op"] == "experiment":
+                    rec["artifact_location"] = default_artifact_location(uri)
+        if not outbox.flush(force=True):
+            raise ValueError(f"{path}: {uri} did not answer; nothing was lost: import the file again later")
+        if outbox.undeliverable:
+            raise ValueError(f"{path}: {uri} refused {len(outbox.undeliverable)} records "
+                             f"({'; '.join(outbox.rejected.values())}); they stay in the file")
+        parent_id = outbox.run_ids["parent"]
+        search = load_search(client=outbox.client, run_id=parent_id)
+        publish_front(outbox.client, parent_id, search.rows, search.objectives, title=search.name)
     return parent_id
 
 

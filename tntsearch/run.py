@@ -19,6 +19,7 @@ from typing import Any
 __all__ = ["SearchOutcome", "prepare", "search", "main"]
 
 EXIT_BAD_INPUT = 2
+EXIT_TRACKING = 3  # the search ran, but records MLflow did not take are in a fallback file (docs/tracking.md)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
@@ -34,6 +35,7 @@ class SearchOutcome:
     tracking_uri: str
     parent_run_id: str | None
     interrupted: bool
+    tracking_fallback: Path | None = None  # records MLflow did not take, to import (or resume)
 
 
 def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | None = None):
@@ -53,6 +55,7 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": num_samples})})
     check_space(spec)
     check_files(spec.data)
+    check_store(spec)
     # Tune's own test, through pyarrow: works for s3:// and other remote storage too.
     exists = Tuner.can_restore(experiment_path(spec))
     if exists and not resume:
@@ -72,6 +75,16 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
             )
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"num_samples": saved})})
     return spec
+
+
+def check_store(spec) -> str:
+    """The tracking store the search will log to, opened once (a SQLite schema is created):
+    a ValueError naming ``mlflow.tracking_uri`` when it cannot be, before Ray starts."""
+    from tntsearch.tracking import prepare_store, resolve_tracking_uri
+
+    setting = "mlflow.tracking_uri" if spec.mlflow.tracking_uri else "$MLFLOW_TRACKING_URI"
+    uri = resolve_tracking_uri(spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
+    return prepare_store(uri, setting=setting)
 
 
 def _connect(address: str | None) -> str:
@@ -114,10 +127,10 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
     (a ``SearchScreen``) shows it; by default one that prints plain lines."""
     from tntsearch.screen import SearchScreen
     from tntsearch.search import experiment_path, make_tuner
-    from tntsearch.tracking import MlflowTracker, prepare_store, resolve_tracking_uri
+    from tntsearch.tracking import MlflowTracker
 
-    tracking_uri = resolve_tracking_uri(spec.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), Path.cwd())
-    prepare_store(tracking_uri)
+    tracking_uri = check_store(spec)
+    exp_dir = experiment_path(spec)
     tracker = MlflowTracker(
         tracking_uri=tracking_uri,
         experiment=spec.experiment,
@@ -125,6 +138,8 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
         spec_path=str(spec_path),
         objectives=spec.objectives,
         epochs=spec.train.epochs,
+        # In the search's folder (a remote one: the default, local): a resumed tracker takes it.
+        fallback_path=None if "://" in exp_dir else Path(exp_dir, "mlflow-pending.jsonl"),
     )
     screen = screen or SearchScreen(spec.search.num_samples, spec.train.epochs, interval=progress_interval)
     tuner = make_tuner(spec, callbacks=[tracker, screen], resume=resume)
@@ -146,11 +161,12 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
         rows=tracker.rows(),
         front=tracker.front(),
         summary=summary,
-        experiment_path=experiment_path(spec),
+        experiment_path=exp_dir,
         tracking_uri=tracking_uri,
         parent_run_id=tracker.parent_run_id,
         # NOTE: on SIGINT Tune saves its state and returns normally; unfinished trials tell.
         interrupted=finished < spec.search.num_samples,
+        tracking_fallback=tracker.close(),  # already closed by Tune: what is left, if anything
     )
 
 
@@ -217,12 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.shutdown()  # before the screen lets go of stdout: late worker lines go to the log too
+    if outcome.tracking_fallback:
+        print(f"tracking: records MLflow ({outcome.tracking_uri}) did not take are in {outcome.tracking_fallback}; "
+              f"load them with `python -m tntsearch.report --import {outcome.tracking_fallback}`", file=sys.stderr)
     if outcome.interrupted:
         print(f"interrupted: continue with `python -m tntsearch.run {args.spec} --resume`", file=sys.stderr)
         return EXIT_TERMINATED if terminated.is_set() else EXIT_INTERRUPTED
     if outcome.summary["failed"] and not outcome.summary["completed"] + outcome.summary["stopped_early"]:
         print("every trained trial failed: see the reasons above and in MLflow", file=sys.stderr)
         return 1
+    if outcome.tracking_fallback:
+        return EXIT_TRACKING
     return 0
 
 

@@ -114,7 +114,8 @@ class MlflowTracker(Callback):
         plot_every_s: the front's pictures are refreshed when a trial finishes, at most
             this often, and always at the end.
         fallback_path: where undelivered records go (default: ``mlflow-pending-<time>.jsonl``
-            beside the SQLite file, or in the current directory for a server).
+            beside the SQLite file, or in the current directory for a server). Put it in
+            the search's own folder: a restored tracker takes the records it finds there.
         final_retry_s: how long :meth:`close` keeps retrying before writing the fallback.
         http_timeout_s: per-request timeout towards a tracking server.
         max_backoff_s: the longest pause between delivery attempts during an outage.
@@ -195,9 +196,10 @@ class MlflowTracker(Callback):
         return self.outbox.fallback_path
 
     @property
-    def dropped(self) -> list[dict[str, Any]]:
-        """Records the store rejected for good, with the error."""
-        return self.outbox.dropped
+    def undeliverable(self) -> list[dict[str, Any]]:
+        """Records the store rejected for good, and the later ones of their runs (all in
+        the fallback file; ``outbox.rejected`` says why)."""
+        return self.outbox.undeliverable
 
     @property
     def parent_run_id(self) -> str | None:
@@ -311,9 +313,10 @@ class MlflowTracker(Callback):
 
     def close(self, status: str = "FINISHED") -> Path | None:
         """End the parent run, publish the final front, deliver everything (retrying for up
-        to ``final_retry_s``); return the fallback file if records are still undelivered."""
+        to ``final_retry_s``); return the fallback file if records are still undelivered or
+        undeliverable (calling it again returns the same)."""
         if self._closed:
-            return self.fallback_path if self.pending else None
+            return self.fallback_path if self.pending or self.undeliverable else None
         self._closed = True
         if not self._started:
             self.setup()
@@ -327,12 +330,13 @@ class MlflowTracker(Callback):
             self._flush(force=True)
         if self.pending:
             self.outbox.write_fallback()
-            logger.warning(
-                "MLflow store %s stayed unreachable: %d records written to %s; load them later with "
-                "`python -m tntsearch.report --import %s`", self.tracking_uri, self.pending, self.fallback_path, self.fallback_path,
-            )
-            return self.fallback_path
-        return None
+            logger.warning("MLflow store %s stayed unreachable: %d records written to %s; load them later with "
+                           "`python -m tntsearch.report --import %s`", self.tracking_uri, self.pending, self.fallback_path,
+                           self.fallback_path)
+        if self.undeliverable:
+            logger.warning("MLflow store %s refused %d records (%s); they are in %s", self.tracking_uri,
+                           len(self.undeliverable), "; ".join(self.outbox.rejected.values()), self.fallback_path)
+        return self.fallback_path if self.pending or self.undeliverable else None
 
     # -- internals -----------------------------------------------------------------------
 
@@ -375,11 +379,14 @@ class MlflowTracker(Callback):
         try:
             with fail_fast_http(self.outbox.http_timeout_s):
                 publish_front(self.outbox.client, parent, self.rows(), self.objectives, title=self.run_name)
-        except Exception as e:  # noqa: BLE001
-            if not is_transient(e):
-                raise
-            logger.warning("could not upload the Pareto plots yet: %s", str(e).splitlines()[0][:300])
-            return
+        except Exception as e:  # noqa: BLE001 - pictures never stop the search or its parent run
+            reason = " ".join(str(e).split())[:300]  # matplotlib's messages start with a newline
+            if is_transient(e):
+                logger.warning("could not upload the Pareto plots yet: %s", reason)
+                return
+            # Drawing fails the same way next time: tried again when the front changes.
+            logger.warning("could not draw the Pareto plots (%s: %s); `python -m tntsearch.report` redraws them",
+                           type(e).__name__, reason)
         self._front_dirty = False
         self._last_publish = time.monotonic()
 

@@ -1,14 +1,21 @@
-"""Delivering the tracker's records to MLflow: in order, retried, kept on disk until delivered.
+"""Delivering the tracker's records to MLflow: in order, retried, never dropped silently.
 
 Every write the tracker makes is a small JSON-able *record* (see :class:`RecordReplayer`)
 appended to an in-order log. :class:`Outbox` delivers them with an explicit
 ``MlflowClient``; on a transient failure (server down, HTTP 5xx/429, SQLite busy) delivery
-stops, backs off, and is retried from the same record, so order is kept and nothing is
-dropped. Records still undelivered are also kept in a JSONL *fallback file* whenever
-delivery fails (rewritten atomically, removed once everything got through);
-``python -m tntsearch.report --import FILE`` replays it later. A record the store rejects
-for good (HTTP 4xx, e.g. a param changing value) is dropped with a warning and kept in
-:attr:`Outbox.dropped`. No Ray here: the Tune callback (``callback.py``) feeds this.
+stops, backs off, and is retried from the same record, so order is kept. While delivery
+fails, the records are also kept in a JSONL *fallback file* (rewritten atomically, then
+appended to; removed once everything got through). A record the store rejects for good
+(HTTP 4xx, e.g. a param changing value, or one that keeps failing while the store
+answers) is *undeliverable*: it and every later record of the same run (and of its
+children) stay in the fallback file for good, and the caller is told (docs/tracking.md).
+
+Delivery is idempotent: each record carries its tracker's ``session`` and ``seq``, and a
+run remembers the last ``seq`` of each session applied to it (tag ``tntsearch.seq.<session>``,
+written in the same request as the record where MLflow allows). Replaying a fallback file
+twice, or records a restored search still held, skips what the store has already; runs
+are found again by their key (tag ``tntsearch.run_key``). No Ray here: the Tune callback
+(``callback.py``) feeds this.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 FALLBACK_FORMAT = "tntsearch-mlflow-fallback"
 PARENT = "parent"  # the parent run's key; trials are "trial:<id>"
+_TAG_SEQ = "tntsearch.seq."  # + session: the last seq of that session applied to the run
 _GIVE_UP_AFTER = 5  # failures of one record while the store answers other requests
 
 
@@ -49,7 +57,7 @@ def is_transient(e: BaseException) -> bool:
 
 
 class RecordReplayer:
-    """Applies tracker records to one store, in order.
+    """Applies tracker records to one store, in order, each at most once.
 
     Runs are named by the tracker's keys (``"parent"``, ``"trial:<id>"``); ``run_ids`` maps
     each key to the MLflow run created for it. Kinds of record (all JSON-able):
@@ -57,19 +65,50 @@ class RecordReplayer:
     ``resume`` (adopt an existing parent and its children), ``reconcile`` (make the
     parent's children agree with the trials Tune restored), ``log`` (metrics, params, tags),
     ``text`` (a text artifact), ``end`` (terminate a run). Replaying a record twice is
-    harmless: a ``start`` finds the run its ``tntsearch.run_key`` tag names, and MLflow
-    keeps one copy of a metric logged twice with the same step and time.
+    harmless: a ``start`` finds the run its ``tntsearch.run_key`` tag names, and a record
+    with ``session`` and ``seq`` that its run already holds is skipped (:attr:`skipped`
+    counts them).
     """
 
-    def __init__(self, client: MlflowClient, run_ids: Mapping[str, str] | None = None, experiment_id: str | None = None):
+    def __init__(self, client: MlflowClient, run_ids: Mapping[str, str] | None = None, experiment_id: str | None = None,
+                 uid: str | None = None):
         self.client = client
         self.run_ids: dict[str, str] = dict(run_ids or {})
         self.experiment_id = experiment_id
+        self.uid = uid
         self.adopted: list[Any] = []  # child runs found by a ``resume`` record
         self.reconciled: dict[str, int] = {}  # trial id -> last epoch MLflow holds, from ``reconcile``
+        self.skipped = 0
+        self._applied: dict[tuple[str, str], int] = {}  # (key, session) -> last seq the store holds
+        self._seq_tags: dict[str, str] = {}  # what the record being applied writes on its run
 
     def apply(self, rec: Mapping[str, Any]) -> None:
+        key, session = rec.get("key"), rec.get("session")
+        self._seq_tags = {}
+        if key is not None and session is not None:  # others (experiment, resume, reconcile) are idempotent themselves
+            if self._last_applied(key, session) >= rec["seq"]:
+                self.skipped += 1
+                return
+            self._seq_tags = {_TAG_SEQ + session: str(rec["seq"])}
         getattr(self, "_" + rec["op"])(rec)
+        if self._seq_tags:
+            self._applied[key, session] = rec["seq"]
+
+    def _last_applied(self, key: str, session: str) -> int:
+        if (key, session) not in self._applied:
+            run_id = self._run_id(key)
+            seq = self.client.get_run(run_id).data.tags.get(_TAG_SEQ + session) if run_id else None
+            self._applied[key, session] = int(seq) if seq else -1
+        return self._applied[key, session]
+
+    def _run_id(self, key: str) -> str | None:
+        """The run of ``key``: known, or found by its ``tntsearch.run_key`` tag (delivered
+        before, replayed from an older snapshot or a fallback file)."""
+        if key not in self.run_ids and self.uid and self.experiment_id:
+            found = self.client.search_runs([self.experiment_id], f"tags.`{TAG_RUN_KEY}` = '{self.uid}/{key}'", max_results=1)
+            if found:
+                self.run_ids[key] = found[0].info.run_id
+        return self.run_ids.get(key)
 
     def _experiment(self, rec: Mapping[str, Any]) -> None:
         exp = self.client.get_experiment_by_name(rec["name"])
@@ -85,17 +124,12 @@ class RecordReplayer:
             self.experiment_id = exp.experiment_id
 
     def _start(self, rec: Mapping[str, Any]) -> None:
-        tags = dict(rec.get("tags", {}))
+        tags = {**rec.get("tags", {}), **self._seq_tags}
         key = rec["key"]
-        if key not in self.run_ids and TAG_RUN_KEY in tags:  # delivered before, replayed from an older snapshot
-            found = self.client.search_runs([self.experiment_id], f"tags.`{TAG_RUN_KEY}` = '{tags[TAG_RUN_KEY]}'",
-                                            max_results=1)
-            if found:
-                self.run_ids[key] = found[0].info.run_id
-        if key in self.run_ids:  # a trial restarted after a driver restore: same run
-            self.client.update_run(self.run_ids[key], status="RUNNING")
-            for k, v in tags.items():
-                self.client.set_tag(self.run_ids[key], k, v)
+        run_id = self._run_id(key)
+        if run_id is not None:  # a trial restarted after a driver restore: same run
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
             return
         if rec.get("parent"):
             tags["mlflow.parentRunId"] = self.run_ids[rec["parent"]]
@@ -137,14 +171,20 @@ class RecordReplayer:
         run_id = self.run_ids[rec["key"]]
         metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in rec.get("metrics", [])]
         params = [Param(k, str(v)) for k, v in rec.get("params", {}).items()]
-        tags = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in rec.get("tags", {}).items()]
+        tags = [RunTag(k, str(v)[:MAX_TAG_LEN]) for k, v in {**rec.get("tags", {}), **self._seq_tags}.items()]
         self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags, synchronous=True)
 
     def _text(self, rec: Mapping[str, Any]) -> None:
-        self.client.log_text(self.run_ids[rec["key"]], rec["text"], rec["artifact_file"])
+        run_id = self.run_ids[rec["key"]]
+        self.client.log_text(run_id, rec["text"], rec["artifact_file"])
+        for k, v in self._seq_tags.items():  # after: a failure in between repeats a harmless write
+            self.client.set_tag(run_id, k, v)
 
     def _end(self, rec: Mapping[str, Any]) -> None:
-        self.client.set_terminated(self.run_ids[rec["key"]], status=rec["status"], end_time=rec.get("time"))
+        run_id = self.run_ids[rec["key"]]
+        self.client.set_terminated(run_id, status=rec["status"], end_time=rec.get("time"))
+        for k, v in self._seq_tags.items():  # after: a failure in between repeats a harmless write
+            self.client.set_tag(run_id, k, v)
 
 
 def search_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
@@ -181,7 +221,8 @@ class Outbox:
 
     Args:
         tracking_uri: the store (absolute).
-        fallback_path: where undelivered records are kept while delivery fails.
+        fallback_path: where undelivered records are kept while delivery fails, and
+            undeliverable ones for good.
         meta: more fields for the fallback file's header (experiment, objectives).
         http_timeout_s: per-request timeout towards a tracking server.
         max_backoff_s: the longest pause between delivery attempts during an outage.
@@ -194,20 +235,22 @@ class Outbox:
         self.meta = dict(meta or {})
         self.http_timeout_s = int(http_timeout_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.uid = uuid.uuid4().hex  # names this search's runs (TAG_RUN_KEY); pickled with the tracker
+        self.session = uuid.uuid4().hex[:8]  # new after a restore: its seqs may repeat the lost ones
         self.records: deque[dict[str, Any]] = deque()  # not yet delivered, in order
+        self.undeliverable: list[dict[str, Any]] = []  # rejected for good, and the rest of their runs
+        self.rejected: dict[str, str] = {}  # run key ("*": all) -> why its records are undeliverable
         self.delivered = 0  # how many were delivered (records are then forgotten)
         self.seq = 0
         self.run_ids: dict[str, str] = {}
         self.experiment_id: str | None = None
-        self.dropped: list[dict[str, Any]] = []
         self.adopted: list[Any] = []  # children of a resumed parent, for the caller to take
         self.reconciled: dict[str, int] = {}  # trial id -> last epoch MLflow holds, for the caller to take
-        self.uid = uuid.uuid4().hex  # names this search's runs (TAG_RUN_KEY); pickled with the tracker
         self._replayer: RecordReplayer | None = None
         self._backoff = 0.0
         self._next_attempt = 0.0
         self._record_failures = 0
-        self._outage_logged = False
+        self._outage = False  # delivery is failing: new records are appended to the file too
         self._fallback_written = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -218,21 +261,52 @@ class Outbox:
     def get_state(self) -> dict[str, Any]:
         """What a restored search needs to go on (Tune experiment checkpoints)."""
         self._sync()
-        return {"records": list(self.records), "delivered": self.delivered, "seq": self.seq,
-                "run_ids": dict(self.run_ids), "experiment_id": self.experiment_id}
+        return {"records": list(self.records), "undeliverable": list(self.undeliverable), "rejected": dict(self.rejected),
+                "delivered": self.delivered, "seq": self.seq, "uid": self.uid, "run_ids": dict(self.run_ids),
+                "experiment_id": self.experiment_id}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        """Go on from ``get_state``; then take the fallback file's records, which may be newer."""
         self.records = deque(state["records"])
+        self.undeliverable = list(state.get("undeliverable", []))
+        self.rejected = dict(state.get("rejected", {}))
         self.delivered = int(state["delivered"])
         self.seq = int(state.get("seq", self.delivered + len(self.records)))
+        self.uid = state.get("uid", self.uid)
+        self.session = uuid.uuid4().hex[:8]
         self.run_ids = dict(state["run_ids"])
         self.experiment_id = state.get("experiment_id")
         self._replayer = None
+        if self.fallback_path.is_file():  # this search's own file: it goes once delivered
+            self.absorb(self.fallback_path)
+            self._fallback_written = True
+
+    def absorb(self, path: str | os.PathLike[str]) -> int:
+        """Queue a fallback file's records ahead of those pending here (duplicates once):
+        records written by an earlier driver of this search, or a file to import. Records
+        the store has already are skipped on delivery. Returns how many were queued."""
+        header, records = read_fallback(path)
+        if header.get("uid"):
+            self.uid = header["uid"]
+        for k, v in (header.get("run_ids") or {}).items():
+            self.run_ids.setdefault(k, v)
+        seen = {(r.get("session"), r["seq"]) for r in records}
+        self.records = deque([*records, *(r for r in self.records if (r.get("session"), r["seq"]) not in seen)])
+        self.undeliverable = [r for r in self.undeliverable if (r.get("session"), r["seq"]) not in seen]
+        self.rejected.clear()  # their records are queued again: maybe the store takes them now
+        self.seq = max([self.seq, *(r["seq"] + 1 for r in records)])
+        self._replayer = None
+        return len(records)
 
     @property
     def pending(self) -> int:
-        """Records not yet delivered."""
+        """Records not yet delivered (being retried)."""
         return len(self.records)
+
+    @property
+    def skipped(self) -> int:
+        """Records found in the store already (a replay), not written again."""
+        return self._replayer.skipped if self._replayer is not None else 0
 
     @property
     def client(self) -> MlflowClient:
@@ -241,13 +315,16 @@ class Outbox:
     def add(self, rec: dict[str, Any]) -> None:
         if rec["op"] == "start":
             rec["tags"] = {**rec.get("tags", {}), TAG_RUN_KEY: f"{self.uid}/{rec['key']}"}
-        rec["seq"] = self.seq
+        rec["seq"], rec["session"] = self.seq, self.session
         self.seq += 1
         self.records.append(rec)
+        if self._outage and self._fallback_written:  # the file stays whole between rewrites: a driver may die
+            with open(self.fallback_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, default=str) + "\n")
 
     def flush(self, force: bool = False) -> bool:
-        """Deliver pending records in order; True when none is left. Without ``force``,
-        nothing is tried before the back-off after a failure has passed."""
+        """Deliver pending records in order; True when none is left to retry. Without
+        ``force``, nothing is tried before the back-off after a failure has passed."""
         if not self.records:
             return True
         if not force and time.monotonic() < self._next_attempt:
@@ -257,37 +334,46 @@ class Outbox:
                 rep = self._get_replayer()
             except Exception as e:  # noqa: BLE001 - the store could not even be opened
                 return self._failed(e)
+            changed = False
             while self.records:
                 rec = self.records[0]
-                try:
-                    rep.apply(rec)
-                except Exception as e:  # noqa: BLE001 - classified below
-                    if is_transient(e) and not self._give_up_on(e):
-                        return self._failed(e)
-                    if rec["op"] == "resume":
-                        raise ValueError(
-                            f"`resume_parent_run_id` {rec['run_id']!r} cannot be resumed in {self.tracking_uri}: {e}"
-                        ) from None
-                    logger.warning("MLflow rejected a %s record for %s, dropped: %s", rec["op"], rec.get("key"), e)
-                    self.dropped.append({"record": rec, "error": str(e)})
+                if not self._blocked(rec):
+                    try:
+                        rep.apply(rec)
+                    except Exception as e:  # noqa: BLE001 - classified below
+                        if is_transient(e) and not self._give_up_on(e):
+                            return self._failed(e)
+                        if rec["op"] == "resume":
+                            raise ValueError(
+                                f"`resume_parent_run_id` {rec['run_id']!r} cannot be resumed in {self.tracking_uri}: {e}"
+                            ) from None
+                        self._reject(rec, e)
+                if self._blocked(rec):
+                    self.undeliverable.append(rec)
+                    changed = True
+                else:
+                    self.delivered += 1
                 self.records.popleft()
-                self.delivered += 1
                 self._record_failures = 0
                 if rec["op"] == "resume":
                     self.adopted = rep.adopted
                 if rec["op"] == "reconcile":
                     self.reconciled, rep.reconciled = rep.reconciled, {}
         self._sync()
-        if self._outage_logged:
-            logger.warning("MLflow store %s reachable again; all records delivered", self.tracking_uri)
-        self._backoff, self._next_attempt, self._outage_logged = 0.0, 0.0, False
-        if self._fallback_written:
+        was_outage = self._outage
+        if was_outage:
+            logger.warning("MLflow store %s reachable again", self.tracking_uri)
+        self._backoff, self._next_attempt, self._outage = 0.0, 0.0, False
+        if self.undeliverable:
+            if changed or was_outage or not self._fallback_written:
+                self.write_fallback()
+        elif self._fallback_written:
             self.fallback_path.unlink(missing_ok=True)
             self._fallback_written = False
         return True
 
     def drain(self, timeout_s: float) -> bool:
-        """Keep delivering for up to ``timeout_s``; True when everything got through."""
+        """Keep delivering for up to ``timeout_s``; True when nothing is left to retry."""
         deadline = time.monotonic() + timeout_s
         while not self.flush(force=True):
             left = deadline - time.monotonic()
@@ -297,22 +383,40 @@ class Outbox:
         return True
 
     def write_fallback(self) -> None:
-        """The undelivered records, and the runs they refer to that the store already has
-        (``run_ids``): with none, the file can be replayed into any store; otherwise into the
-        store the search used (see ``tntsearch.report.import_fallback``)."""
+        """Undeliverable and undelivered records, in order, and the runs they refer to that
+        the store already has (``run_ids``): with none, the file can be replayed into any
+        store; otherwise into the store the search used (``tntsearch.report --import``)."""
         self._sync()
         header = {
-            "format": FALLBACK_FORMAT, "version": 1, "tracking_uri": self.tracking_uri, **self.meta,
-            "run_ids": self.run_ids, "delivered": self.delivered, "written_at": datetime.now(timezone.utc).isoformat(),
+            "format": FALLBACK_FORMAT, "version": 2, "tracking_uri": self.tracking_uri, **self.meta, "uid": self.uid,
+            "run_ids": self.run_ids, "delivered": self.delivered, "rejected": self.rejected,
+            "written_at": datetime.now(timezone.utc).isoformat(),
         }
         self.fallback_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.fallback_path.with_suffix(".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(header) + "\n")
-            for rec in self.records:
+            for rec in sorted([*self.undeliverable, *self.records], key=lambda r: r["seq"]):
                 f.write(json.dumps(rec, default=str) + "\n")
         os.replace(tmp, self.fallback_path)
         self._fallback_written = True
+
+    def _blocked(self, rec: Mapping[str, Any]) -> bool:
+        """A record of a run whose records the store rejected (or a child of such a run)."""
+        if not self.rejected:
+            return False
+        key, parent = rec.get("key"), rec.get("parent")
+        if key in self.rejected or "*" in self.rejected or parent in self.rejected:
+            self.rejected.setdefault(key or "*", self.rejected.get(parent or "*", ""))
+            return True
+        return False
+
+    def _reject(self, rec: Mapping[str, Any], e: BaseException) -> None:
+        key = rec.get("key") or "*"  # an experiment the store refuses: nothing can follow
+        reason = f"{rec['op']} record refused: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+        self.rejected[key] = reason
+        logger.warning("MLflow store %s %s; the records of %s go to %s", self.tracking_uri, reason,
+                       "the search" if key in ("*", PARENT) else key, self.fallback_path)
 
     def _sync(self) -> None:
         if self._replayer is not None:
@@ -321,7 +425,8 @@ class Outbox:
 
     def _get_replayer(self) -> RecordReplayer:
         if self._replayer is None:
-            self._replayer = RecordReplayer(MlflowClient(tracking_uri=self.tracking_uri), self.run_ids, self.experiment_id)
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._replayer = RecordReplayer(client, self.run_ids, self.experiment_id, uid=self.uid)
         return self._replayer
 
     def _give_up_on(self, e: BaseException) -> bool:
@@ -339,9 +444,9 @@ class Outbox:
         self._sync()
         self._backoff = min(max(2 * self._backoff, 1.0), self.max_backoff_s)
         self._next_attempt = time.monotonic() + self._backoff
-        if not self._outage_logged:
+        if not self._outage:
             logger.warning("MLflow store %s unreachable (%s); buffering records and retrying", self.tracking_uri,
                            str(e).splitlines()[0][:300] if str(e) else type(e).__name__)
-            self._outage_logged = True
+            self._outage = True
         self.write_fallback()
         return False

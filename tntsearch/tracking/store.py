@@ -75,22 +75,30 @@ def default_artifact_location(uri: str) -> str | None:
     return (db.parent / "mlartifacts").as_uri() if db is not None else None
 
 
-def prepare_store(uri: str) -> str:
-    """Create the SQLite store's folder and schema once, in this (driver) process.
+def prepare_store(uri: str, setting: str = "mlflow.tracking_uri") -> str:
+    """Open the store once, in this (driver) process, before anything logs; returns ``uri``.
 
-    Several processes opening a brand-new SQLite file at once corrupt it (half-applied
-    alembic migrations, docs/design.md); after this call concurrent opens are safe. Other
-    stores own their schema; this is a no-op for them. Returns ``uri``.
+    A SQLite store gets its folder and schema here: several processes opening a brand-new
+    SQLite file at once corrupt it (half-applied alembic migrations, docs/design.md);
+    after this call concurrent opens are safe. Any other store must answer one request
+    within 10 s. A store that cannot be used raises a one-line ``ValueError`` that names
+    ``setting`` and what is wrong, so a search can refuse to start (docs/faults.md).
     """
-    path = sqlite_path(uri)
-    if path is None:
-        return uri
-    if not path.is_absolute():
-        raise ValueError(f"`tracking_uri` {uri!r} must be absolute; use resolve_tracking_uri() first")
     from mlflow.tracking import MlflowClient  # here: this module is imported by Ray workers that never log
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        raise ValueError(f"`{setting}` {uri!r} must be absolute; use resolve_tracking_uri() first")
+    try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with fail_fast_http(10):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - whatever MLflow, SQLAlchemy or the OS raise: say it in one line
+        while e.__cause__ or e.__context__:  # the root cause, e.g. ConnectionRefusedError under MLflow's wrapping
+            e = e.__cause__ or e.__context__
+        what = " ".join(str(e).split())[:300] if str(e) else ""
+        raise ValueError(f"`{setting}` {uri}: the tracking store cannot be used ({type(e).__name__}: {what})") from None
     return uri
 
 
