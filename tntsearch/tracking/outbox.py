@@ -362,7 +362,9 @@ class Outbox:
         self._sync()
         was_outage = self._outage
         if was_outage:
-            logger.warning("MLflow store %s reachable again", self.tracking_uri)
+            logger.warning("MLflow store %s reachable again; %s", self.tracking_uri,
+                           f"records it refused stay in {self.fallback_path}" if self.undeliverable
+                           else "all records delivered")
         self._backoff, self._next_attempt, self._outage = 0.0, 0.0, False
         if self.undeliverable:
             if changed or was_outage or not self._fallback_written:
