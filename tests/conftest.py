@@ -40,3 +40,22 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_search(digits, tmp_path_factory):
+    """One real tiny search through the CLI, run once per session, whose MLflow store, Tune
+    results and Ray Train checkpoints the tests of the tracker, the dashboard and export
+    read: they see the result format ``search.run_trial`` reports, not a copy of it.
+
+    Five trials of 2 epochs on digits, FIFO, seed 0: the baselines tiny_vit (2.57 M MACs,
+    trains) and tiny_tnt (4.12 M, over the 3 M limit: infeasible, trains zero steps), then
+    three NSGA-II proposals (docs/design.md, "Flow of one search")."""
+    from search_utils import DEMO_SEARCH, DemoSearch, demo_spec, run_cli
+
+    cwd = tmp_path_factory.mktemp("demo_search")
+    spec = demo_spec(cwd, digits, DEMO_SEARCH, num_samples=5, epochs=2, constraints={"max_macs": 3.0e6},
+                     tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    rc, out = run_cli(spec, cwd)
+    assert rc == 0, out[-3000:]
+    return DemoSearch.read(spec, out)

@@ -1,7 +1,9 @@
 """Helpers for tests that run the real search CLI (``python -m tntsearch.run``) as a user
 would: a small spec made from the demo, the CLI as a subprocess whose output a test can
 react to line by line, and readers for what a search leaves behind (Tune's result files,
-MLflow runs, the Ray node ids of a local cluster).
+MLflow runs, the Ray node ids of a local cluster). ``DemoSearch`` reads what the session's
+tiny search (tests/conftest.py ``demo_search``) left; ``replay`` reports its results again
+in a Tune run of a test's own.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +31,11 @@ __all__ = [
     "mlflow_runs",
     "raylet_node_id",
     "stop_cluster",
+    "DEMO_SEARCH",
+    "DemoSearch",
+    "replay",
+    "log_replayed",
+    "non_dominated",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +156,98 @@ def stop_cluster(cluster) -> list[psutil.Process]:
         node.process.wait(timeout=10)
     cluster.stop()
     return cluster.leftover_processes()
+
+
+DEMO_SEARCH = "demo-search"  # name and MLflow experiment of the session's tiny search
+
+
+@dataclass(frozen=True)
+class DemoSearch:
+    """What the session's tiny search left: its spec (paths made absolute), MLflow store and
+    parent run, the CLI's output, and every result each trial reported to Tune, in order."""
+
+    spec_path: Path
+    spec: Any  # tntsearch.spec.SearchSpec
+    tracking_uri: str
+    parent_run_id: str
+    output: str
+    results: dict[str, list[dict[str, Any]]]  # trial id -> Tune's result.json rows
+
+    @classmethod
+    def read(cls, spec_path: Path, output: str) -> DemoSearch:
+        from tntsearch.search import experiment_path
+        from tntsearch.spec import load_spec
+
+        spec = load_spec(spec_path, spec_path.parent)  # the CLI ran there
+        parents, _ = mlflow_runs(spec.mlflow.tracking_uri, spec.experiment)
+        assert len(parents) == 1, parents
+        return cls(spec_path, spec, spec.mlflow.tracking_uri, parents[0].info.run_id, output,
+                   tune_results(Path(experiment_path(spec))))
+
+    @property
+    def db(self) -> Path:
+        return Path(self.tracking_uri.removeprefix("sqlite:///"))
+
+    def reported(self, trial_id: str) -> list[dict[str, Any]]:
+        """The trial's results as ``run_trial`` reported them: without the keys Tune adds."""
+        from ray.tune.result import AUTO_RESULT_KEYS
+
+        tune_keys = {*AUTO_RESULT_KEYS, "trial_id", "done", "experiment_tag"}
+        return [{k: v for k, v in r.items() if k not in tune_keys} for r in self.results[trial_id]]
+
+    def last(self, trial_id: str) -> dict[str, Any]:
+        return self.results[trial_id][-1]
+
+    def status(self, trial_id: str) -> str:
+        """What the trial's results make it (FIFO: every feasible trial trains every epoch)."""
+        return "completed" if self.last(trial_id)["feasible"] == 1 else "infeasible"
+
+    def trained(self) -> list[str]:
+        """Trial ids of the feasible trials (they trained every epoch: FIFO)."""
+        return [t for t, rows in self.results.items() if rows[-1]["feasible"] == 1]
+
+    def infeasible(self) -> list[str]:
+        return [t for t, rows in self.results.items() if rows[-1]["feasible"] == 0]
+
+
+def replay(config: dict[str, Any]) -> None:
+    """A Tune trainable that reports again what a trial of the demo search reported
+    (``config["reported"]``, from ``DemoSearch.reported``): the real tracker then sees the
+    real result format in situations the real search does not make on purpose. With
+    ``config["fail_after"] = n`` it raises ``ValueError("boom at epoch <n + 1>")`` after n
+    reports."""
+    from ray import tune
+
+    for i, result in enumerate(config["reported"]):
+        if i == config.get("fail_after"):
+            raise ValueError(f"boom at epoch {i + 1}")
+        tune.report(result)
+
+
+def log_replayed(tracker: Any, spec: Any, trials: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Drive ``tracker`` (an ``MlflowTracker``, set up) through its Tune hooks as Tune does,
+    with Tune's own ``Trial`` objects in the storage of ``spec`` (the demo search's): each
+    trial's results (``DemoSearch.reported``; none for a trial that died before reporting),
+    its completion, then the experiment's end. No Ray: for tests of what the tracker logs."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    for tid, results in trials:
+        storage = StorageContext(storage_path=spec.storage, experiment_dir_name=spec.name,
+                                 trial_dir_name=f"run_trial_{tid}")
+        trial = Trial("run_trial", trial_id=tid, stub=True, storage=storage)
+        tracker.on_trial_start(0, [], trial)
+        for result in results:
+            tracker.on_trial_result(0, [], trial, result)
+        tracker.on_trial_complete(0, [], trial)
+    tracker.on_experiment_end([])
+
+
+def non_dominated(points: dict[str, tuple[float, float]]) -> set[str]:
+    """The names of the (val_top1, macs) points no other point dominates (higher or equal
+    accuracy at fewer or equal MACs, better in one): by brute force, a reference for the
+    tracker's front."""
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] >= b[0] and a[1] <= b[1] and a != b
+
+    return {n for n, p in points.items() if not any(dominates(q, p) for q in points.values())}
