@@ -1,10 +1,12 @@
-"""What a user sees: a real ``mlflow server`` filled by a real Tune search through
-MlflowTracker, read back through the REST API and rendered by a headless Chromium.
+"""What a user sees: a real ``mlflow server`` filled by MlflowTracker, read back through
+the REST API and rendered by a headless Chromium.
 
 The tracker is set up while the server is still down (its records are buffered and kept in
-a fallback file), then the server comes up and the search runs: everything arrives once,
-and the fallback file goes away. Ray starts once for this module (reused if running), the
-server through ``mlflow_utils``.
+a fallback file), then the server comes up and the trials arrive: everything arrives once,
+and the fallback file goes away. A server outage is not something the session's tiny search
+(tests/conftest.py ``demo_search``) goes through, so the tracker here is driven through its
+Tune hooks with what that search's trials reported (``search_utils.log_replayed``): the real
+result format, without a Ray of its own. The server runs through ``mlflow_utils``.
 """
 from __future__ import annotations
 
@@ -13,19 +15,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import requests
 
 from mlflow_utils import MlflowServer
+from search_utils import log_replayed, non_dominated
 from tntsearch.tracking import TAG_PARETO, TAG_STATUS, MlflowTracker
-
-import ray  # noqa: E402  (after tntsearch.tracking: MLflow telemetry is off before Ray starts)
-from ray import tune  # noqa: E402
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -35,47 +32,24 @@ CHROMIUM_FLAGS = [
 ]
 SEARCH_NAME = "dash-search-7f3"
 EXPERIMENT = "dashboard-exp"
-OBJECTIVES = [("val_top1", "max", 0.0), ("macs", "min", 4e6)]
-TRIALS = [
-    dict(baseline="tiny_vit", inner_dim=8, macs=1e6, acc=0.7, feasible=1),
-    dict(baseline="", inner_dim=16, macs=2e6, acc=0.8, feasible=1),
-    dict(baseline="", inner_dim=32, macs=5e6, acc=None, feasible=0),
-]
-
-
-def small_trainable(config):
-    """Two epochs (or one infeasible report), following tntsearch.search's result contract."""
-    arch = {"img_size": 32, "patch_size": 8, "outer_dim": 64, "depth": 2, "outer_heads": 2, "mlp_ratio": 2.0,
-            "inner_dim": config["inner_dim"], "words": 4, "inner_heads": 1, "inner_mlp_ratio": 2.0, "se": "none",
-            "se_ratio": 0.25, "tnt_blocks": [1], "drop_path": 0.0, "num_classes": 10}
-    base = {"arch": arch, "params": 1e5, "macs": config["macs"], "throughput": 300.0, "baseline": config["baseline"]}
-    if not config["feasible"]:
-        tune.report({**base, "feasible": 0, "violation": 0.25, "epoch": 0})
-        return
-    for epoch in (1, 2):
-        acc = config["acc"] * epoch / 2
-        tune.report({**base, "feasible": 1, "violation": 0.0, "epoch": epoch, "train_loss": 1 - acc, "val_loss": 1 - acc,
-                     "val_top1": acc, "val_top5": acc, "lr": 1e-3, "images_per_s": 50.0})
 
 
 @pytest.fixture(scope="module")
-def dashboard(ray_session, tmp_path_factory):
+def dashboard(demo_search, tmp_path_factory):
     base = tmp_path_factory.mktemp("dashboard")
     server = MlflowServer(base)
     url = server.url
-    tracker = MlflowTracker(url, EXPERIMENT, {"name": SEARCH_NAME, "train": {"epochs": 2}}, None, OBJECTIVES, 2,
-                            fallback_path=base / "pending.jsonl", final_retry_s=30, max_backoff_s=1.0,
-                            plot_every_s=3600)  # pictures once, at the end
+    spec = demo_search.spec
+    tracker = MlflowTracker(url, EXPERIMENT, {"name": SEARCH_NAME, "train": {"epochs": spec.train.epochs}}, None,
+                            spec.objectives, spec.train.epochs, fallback_path=base / "pending.jsonl",
+                            final_retry_s=30, max_backoff_s=1.0, plot_every_s=3600)  # pictures once, at the end
     tracker.setup()  # the server is not up yet: buffered, and kept on disk
     buffered_while_down = (tracker.pending, tracker.parent_run_id, (base / "pending.jsonl").is_file())
     try:
         server.start(keep_port=True)  # the tracker already holds its address
-        tune.Tuner(
-            small_trainable, param_space=tune.grid_search(TRIALS),
-            tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
-            run_config=tune.RunConfig(name="dash", storage_path=str(base / "ray_results"), callbacks=[tracker], verbose=0),
-        ).fit()
-        yield {"url": url, "tracker": tracker, "base": base, "buffered_while_down": buffered_while_down}
+        log_replayed(tracker, spec, [(t, demo_search.reported(t)) for t in demo_search.results])
+        yield {"url": url, "tracker": tracker, "base": base, "buffered_while_down": buffered_while_down,
+               "demo": demo_search}
     finally:
         server.stop()
 
@@ -102,16 +76,23 @@ def test_rest_api_answers_with_the_parent_and_children(dashboard):
     parents = [r for r in runs if r["info"]["run_name"] == SEARCH_NAME]
     assert len(parents) == 1 and parents[0]["info"]["run_id"] == tracker.parent_run_id  # created once, not twice
     children = [r for r in runs if {"key": "mlflow.parentRunId", "value": tracker.parent_run_id} in r["data"].get("tags", [])]
-    assert len(children) == len(TRIALS)
-    tags = [{t["key"]: t["value"] for t in c["data"]["tags"]} for c in children]
-    assert sorted(t[TAG_STATUS] for t in tags) == ["completed", "completed", "infeasible"]
-    assert sorted(t[TAG_PARETO] for t in tags) == ["false", "true", "true"]
+    demo = dashboard["demo"]
+    assert len(children) == len(demo.results)
+    tags = {t["ray.trial_id"]: t for t in ({t["key"]: t["value"] for t in c["data"]["tags"]} for c in children)}
+    assert set(tags) == set(demo.results)
+    on_front = non_dominated({t: (demo.last(t)["val_top1"], demo.last(t)["macs"]) for t in demo.trained()})
+    for trial, t in tags.items():
+        assert t[TAG_STATUS] == demo.status(trial), trial
+        assert t[TAG_PARETO] == ("true" if trial in on_front else "false"), trial
     files = _api(url, f"artifacts/list?run_id={tracker.parent_run_id}&path=pareto")["files"]
     assert {"pareto/front.html", "pareto/val_top1_vs_macs.png"} <= {f["path"] for f in files}
     png = requests.get(f"{url}/get-artifact", params={"path": "pareto/val_top1_vs_macs.png", "run_uuid": tracker.parent_run_id}, timeout=30)
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
     page = requests.get(f"{url}/get-artifact", params={"path": "pareto/front.html", "run_uuid": tracker.parent_run_id}, timeout=60).text
-    assert "Plotly.newPlot" in page and "baseline: tiny_vit" in page and "tnt_blocks: 1" in page  # hover: the architecture
+    assert "Plotly.newPlot" in page and "baseline: tiny_vit" in page  # the baseline that trains (2.57 M MACs)
+    for trial in demo.trained():  # hover: the architecture of every trained trial
+        blocks = demo.last(trial)["arch"]["tnt_blocks"]
+        assert f"tnt_blocks: {','.join(map(str, blocks)) or '(none)'}" in page, trial
 
 
 def _chromium(url: str, workdir: Path, name: str, what: str) -> str | Path:

@@ -1,13 +1,10 @@
-"""tntsearch.export against real trained models, a real MLflow store and real runtimes.
-
-Two tiny architectures (a TNT hybrid and a DeiT) are trained for one epoch on the digits
-.beton with ``tntsearch.train.fit``; their states are saved where a search keeps them (Ray
-Train's ``checkpoint_*`` folders under ``<storage>/<name>/train/train-<trial_id>``, or
-anywhere, named by the child run's ``tntsearch.checkpoint_uri`` tag). The search's MLflow
-records are written by the real ``MlflowTracker`` driven through its Tune hooks, with each
-trial's true metrics. Exports are reloaded with safetensors, TorchScript, torch.export, onnxruntime and the MLflow
-registry, and compared with the model rebuilt from the checkpoint. Pick rules are checked
-on fronts whose answers are worked out by hand in the comments.
+"""tntsearch.export against the session's real tiny search (tests/conftest.py
+``demo_search``): its MLflow store as the CLI's tracker wrote it, its Ray Train checkpoints
+where the search left them, and Tune's results as the references (what each trial
+reported: architecture, costs, accuracy, checkpoint path). Exports are reloaded with
+safetensors, TorchScript, torch.export, onnxruntime and the MLflow registry, and compared
+with the model rebuilt from the checkpoint. Pick rules are checked on fronts whose answers
+are worked out by hand in the comments.
 """
 from __future__ import annotations
 
@@ -15,12 +12,12 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-from tntsearch.tracking import TAG_CHECKPOINT_URI, TAG_STATUS, MlflowTracker, prepare_store  # first: MLflow telemetry off
+from search_utils import log_replayed
+from tntsearch.tracking import TAG_CHECKPOINT_URI, MlflowTracker, prepare_store  # first: MLflow telemetry off
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -29,18 +26,12 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 import tntsearch  # noqa: E402
 from tntsearch import export as ex  # noqa: E402
-from tntsearch.cost import count_macs, count_params  # noqa: E402
-from tntsearch.model import TNTConfig, create_model, get_config  # noqa: E402
+from tntsearch.cost import count_macs  # noqa: E402
+from tntsearch.model import TNTConfig, create_model  # noqa: E402
 from tntsearch.spec import SearchSpec  # noqa: E402
-from tntsearch.train import CHECKPOINT_FILE, TRAIN_METRICS, fit, load_state  # noqa: E402
+from tntsearch.train import load_state  # noqa: E402
 
 OBJECTIVES = [("val_top1", "max", 0.0), ("macs", "min", 1e9)]
-SMALL = dict(img_size=32, patch_size=8, num_classes=10, outer_dim=32, depth=2, outer_heads=2, mlp_ratio=2,
-             inner_dim=8, words=4, inner_heads=2, inner_mlp_ratio=2, drop_path=0.0)
-ARCHS = {
-    "t_tnt": get_config("tnt_s", **SMALL, se="outer", tnt_blocks=[1]),
-    "t_deit": get_config("tnt_s", **SMALL, tnt_blocks=[]),
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -110,107 +101,52 @@ def test_pick_tie_breaks_and_errors():
 
 
 # ---------------------------------------------------------------------------------------
-# A real search's leftovers: trained checkpoints and the tracker's MLflow records
+# The demo search's leftovers: its MLflow store, Tune results and Ray Train checkpoints
 
 
-class _Trial:
-    """What MlflowTracker reads from a Tune trial: its id and its name."""
-
-    def __init__(self, trial_id: str) -> None:
-        self.trial_id = trial_id
-
-    def __str__(self) -> str:
-        return f"run_trial_{self.trial_id}"
-
-
-def _results(arch: TNTConfig, metrics: dict, feasible: bool = True) -> dict:
-    base = {"arch": arch.to_dict(), "params": float(count_params(arch)), "macs": float(count_macs(arch)),
-            "throughput": 1234.5, "baseline": ""}
-    if not feasible:
-        return {**base, "feasible": 0, "violation": 0.5, "epoch": 0}
-    return {**base, "feasible": 1, "violation": 0.0, **metrics}
-
-
-def _log_search(uri: str, spec: SearchSpec, trials: list[tuple[str, dict | None, dict]]) -> str:
-    """Drive the real tracker as Tune would: one result per trial, then its completion.
-    ``trials``: (trial_id, result or None for a trial that died before reporting, tags to add)."""
-    tracker = MlflowTracker(uri, spec.experiment, spec.model_dump(mode="json"), None, OBJECTIVES,
+def _log_search(uri: str, spec: SearchSpec, experiment: str, trials: list[tuple[str, list[dict]]]) -> None:
+    """The real tracker, driven as Tune drives it, logs ``trials`` (``log_replayed``)."""
+    tracker = MlflowTracker(uri, experiment, spec.model_dump(mode="json"), None, spec.objectives,
                             epochs=spec.train.epochs, final_retry_s=5)
     tracker.setup()
-    for tid, result, _ in trials:
-        trial = _Trial(tid)
-        tracker.on_trial_start(0, [], trial)
-        if result is not None:
-            tracker.on_trial_result(0, [], trial, result)
-        tracker.on_trial_complete(0, [], trial)
-    assert tracker.close() is None
-    client = MlflowClient(uri)
-    for tid, _, tags in trials:
-        if tags:
-            run = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id],
-                                     filter_string=f"tags.`ray.trial_id` = '{tid}'")[0]
-            for k, v in tags.items():
-                client.set_tag(run.info.run_id, k, v)
-    return tracker.parent_run_id
-
-
-def _spec(root: Path, data: Path, experiment: str, registered: str | None = "tnt-digits") -> SearchSpec:
-    return SearchSpec.model_validate({
-        "name": f"search-{experiment}", "space": dict(SMALL),
-        "objectives": [{"metric": m, "mode": d, "ref": r} for m, d, r in OBJECTIVES],
-        "data": {"train": str(data / "digits_train.beton"), "val": str(data / "digits_val.beton"),
-                 "batch_size": 64, "num_workers": 1, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                 "flip": False},
-        "train": {"epochs": 1, "lr": 4e-3, "warmup_epochs": 0, "precision": "fp32"},
-        "mlflow": {"experiment": experiment, "registered_model": registered},
-        "storage": str(root / "ray_results"),
-    })
-
-
-def _save_checkpoint(state: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    torch.save(state, folder / CHECKPOINT_FILE)
-    return folder
+    log_replayed(tracker, spec, trials)
+    assert tracker.pending == 0
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tntsearch.data import convert
-
+def world(demo_search, tmp_path_factory):
+    """The demo search as export finds it, in a copy of its store (export registers models
+    and moves aliases; other modules read the original): each trained trial's run names its
+    last checkpoint (``tntsearch.checkpoint_uri``). Beside it, a search none of whose trials
+    finished: one died before reporting, one is the demo's infeasible trial replayed."""
     root = tmp_path_factory.mktemp("export")
-    data = root / "data"
-    for split in ("train", "val"):
-        convert("digits", data / f"digits_{split}.beton", split=split, num_workers=1)
-    spec = _spec(root, data, "digits")
-    states = {}
-    for tid, arch in ARCHS.items():
-        kept = []
-        fit(arch, spec.data, spec.train, report=lambda m, s: kept.append(s))
-        states[tid] = kept[-1]
-    uri = prepare_store(f"sqlite:///{root / 'mlflow.db'}")
-    # t_tnt: found by the Ray Train layout; t_deit: named by the checkpoint URI tag.
-    train_dir = Path(spec.storage) / spec.name / "train"
-    _save_checkpoint({**states["t_tnt"], "epoch": 0}, train_dir / "train-t_tnt" / "checkpoint_2026-01-01_00-00-00.000000")
-    _save_checkpoint(states["t_tnt"], train_dir / "train-t_tnt" / "checkpoint_2026-01-01_00-00-09.000000")
-    deit_ckpt = _save_checkpoint(states["t_deit"], root / "elsewhere" / "checkpoint_x")
-    metrics = {tid: {k: s["metrics"][k] for k in TRAIN_METRICS} for tid, s in states.items()}
-    lost = get_config(ARCHS["t_tnt"], inner_dim=16)  # completed, but its checkpoint is gone
-    parent = _log_search(uri, spec, [
-        ("t_tnt", _results(ARCHS["t_tnt"], metrics["t_tnt"]), {}),
-        ("t_deit", _results(ARCHS["t_deit"], metrics["t_deit"]), {TAG_CHECKPOINT_URI: deit_ckpt.as_uri()}),
-        ("t_lost", _results(lost, {**metrics["t_tnt"], "val_top1": 0.0}), {}),
-        ("t_infeasible", _results(get_config(ARCHS["t_tnt"], outer_dim=64), {}, feasible=False), {}),
-        ("t_crashed", None, {}),
-    ])
-    empty = _spec(root, data, "nothing-finished")
-    _log_search(uri, empty, [("f1", None, {}), ("f2", _results(ARCHS["t_tnt"], {}, feasible=False), {})])
+    shutil.copy(demo_search.db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    spec = demo_search.spec
+    results = {tid: demo_search.last(tid) for tid in demo_search.results}
+    trained = demo_search.trained()
+    # best-accuracy's answer, from what training reported to Tune: the front's most accurate
+    best = max(trained, key=lambda t: (results[t]["val_top1"], -results[t]["macs"]))
+    other = next(t for t in trained if t != best)
+    client = MlflowClient(uri)
+    runs = {r.data.tags["ray.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name(spec.experiment).experiment_id], filter_string="tags.`tntsearch.role` = 'trial'")}
+    infeasible = demo_search.infeasible()[0]
+    _log_search(uri, spec, "nothing-finished", [("f1", []), ("f2", demo_search.reported(infeasible))])
     spec_file = root / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     client = MlflowClient(uri)
-    runs = {r.data.tags["ray.trial_id"]: r for r in client.search_runs(
-        [client.get_experiment_by_name("digits").experiment_id], filter_string="tags.`tntsearch.role` = 'trial'")}
-    return {"root": root, "uri": uri, "spec": spec, "spec_file": spec_file, "states": states, "parent": parent,
-            "runs": runs, "deit_checkpoint": deit_ckpt}
+    crashed = client.search_runs([client.get_experiment_by_name("nothing-finished").experiment_id],
+                                 filter_string="tags.`ray.trial_id` = 'f1'")[0]
+    return {"root": root, "uri": uri, "spec": spec, "spec_file": spec_file, "parent": demo_search.parent_run_id,
+            "demo": demo_search, "results": results, "best": best, "other": other, "infeasible": infeasible,
+            "runs": runs, "crashed": crashed,
+            "registered": spec.mlflow.registered_model}
+
+
+def _state(world, trial_id: str) -> dict:
+    """The state of the trial's last checkpoint, where Tune's last result says it is."""
+    return load_state(world["results"][trial_id]["checkpoint_path"])
 
 
 def _eager(state: dict) -> torch.nn.Module:
@@ -227,33 +163,33 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
 
 
-def _best(world) -> str:
-    """The trial best-accuracy must pick, worked out from what training gave."""
-    acc = {tid: s["metrics"]["val_top1"] for tid, s in world["states"].items()}
-    return max(acc, key=lambda t: (acc[t], -count_macs(ARCHS[t])))
-
-
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
 def test_export_reloads_in_every_format_and_registers_the_champion(world, tmp_path, capsys):
     out = tmp_path / "model"
-    rc = ex.main(["--experiment", "digits", "--tracking-uri", world["uri"], str(out)])
+    rc = ex.main(["--experiment", world["spec"].experiment, "--tracking-uri", world["uri"], str(out)])
     assert rc == 0, capsys.readouterr().err
-    best = _best(world)
-    state = world["states"][best]
+    best, spec = world["best"], world["spec"]
+    reported = world["results"][best]
+    state = _state(world, best)
     assert sorted(p.name for p in out.iterdir()) == sorted(ex.FILES.values())
     assert _leftovers(out) == []
 
     config = json.loads((out / "config.json").read_text())
-    assert TNTConfig.from_dict(config["architecture"]) == ARCHS[best]
+    arch = TNTConfig.from_dict(reported["arch"])
+    assert TNTConfig.from_dict(config["architecture"]) == arch
     assert config["class_names"] == [str(d) for d in range(10)]  # digits' own class list
-    assert config["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and config["preprocessing"]["std"] == [0.25] * 3
+    assert config["preprocessing"]["mean"] == list(spec.data.mean) and config["preprocessing"]["std"] == list(spec.data.std)
     assert config["preprocessing"]["img_size"] == 32
-    assert config["metrics"]["val_top1"] == state["metrics"]["val_top1"]
-    assert config["metrics"]["macs"] == count_macs(ARCHS[best])
+    assert config["metrics"]["val_top1"] == state["metrics"]["val_top1"] == reported["val_top1"]
+    assert config["metrics"]["macs"] == count_macs(arch) == reported["macs"]
     assert config["source"]["run_id"] == world["runs"][best].info.run_id
     assert config["source"]["parent_run_id"] == world["parent"]
-    if best == "t_tnt":  # the newest checkpoint_* folder, not the epoch-0 one
-        assert config["source"]["checkpoint"].endswith("checkpoint_2026-01-01_00-00-09.000000")
+    # The newest of the trial's checkpoint_* folders (Ray Train keeps both epochs'), the one
+    # its last result names, not epoch 1's.
+    train_dir = Path(spec.storage) / spec.name / "train" / f"train-{best}"
+    kept = sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())  # beside checkpoint_manager_snapshot.json
+    assert [load_state(k)["epoch"] for k in kept] == [1, 2]
+    assert config["source"]["checkpoint"] == str(kept[-1]) == reported["checkpoint_path"]
 
     x = _images(5)  # a batch size no exporter saw
     with torch.no_grad():
@@ -274,55 +210,61 @@ def test_export_reloads_in_every_format_and_registers_the_champion(world, tmp_pa
     import mlflow
 
     mlflow.set_tracking_uri(world["uri"])
-    registered = mlflow.pytorch.load_model("models:/tnt-digits@champion")
+    registered = mlflow.pytorch.load_model(f"models:/{world['registered']}@champion")
     with torch.no_grad():
         torch.testing.assert_close(registered(x), want, atol=1e-5, rtol=0)
     client = MlflowClient(world["uri"])
-    version = client.get_model_version_by_alias("tnt-digits", "champion")
+    version = client.get_model_version_by_alias(world["registered"], "champion")
     assert version.tags["tntsearch.trial_id"] == best
     assert world["runs"][best].info.run_id in version.description  # the model card
     assert version.run_id == world["parent"]  # logged under the search's parent run
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == world["parent"] and logged.status.name == "READY"
-    assert logged.params["inner_dim"] == str(ARCHS[best].inner_dim)
+    assert logged.params["inner_dim"] == str(arch.inner_dim)
     card = (out / "README.md").read_text()
     assert f"trial `{best}`" in card and f"{state['metrics']['val_top1']:.2f} %" in card
-    assert "models:/tnt-digits@champion" in card
+    assert f"models:/{world['registered']}@champion" in card
 
 
 def test_run_id_export_moves_the_alias(world, tmp_path, capsys):
-    """Export the trial best-accuracy does not pick, by its child run; a second registration
+    """Export a trial best-accuracy does not pick, by its child run; a second registration
     becomes the new champion. Its spec comes from the file given, not the logged copy."""
-    other = next(t for t in ARCHS if t != _best(world))
+    other = world["other"]
     out = tmp_path / "other"
     client = MlflowClient(world["uri"])
-    before = {int(v.version) for v in client.search_model_versions("name = 'tnt-digits'")}
+    before = {int(v.version) for v in client.search_model_versions(f"name = '{world['registered']}'")}
     rc = ex.main(["--run-id", world["runs"][other].info.run_id, "--spec", str(world["spec_file"]),
                   "--tracking-uri", world["uri"], str(out)])
     assert rc == 0, capsys.readouterr().err
     with torch.no_grad():
-        assert torch.equal(tntsearch.load_model(out)(_images(3)), _eager(world["states"][other])(_images(3)))
-    version = client.get_model_version_by_alias("tnt-digits", "champion")
+        assert torch.equal(tntsearch.load_model(out)(_images(3)), _eager(_state(world, other))(_images(3)))
+    version = client.get_model_version_by_alias(world["registered"], "champion")
     assert int(version.version) > max(before, default=0)
     assert version.tags["tntsearch.trial_id"] == other
     config = ex.read_config(out)
     assert config["source"]["pick"] == "run id"
-    if other == "t_deit":
-        assert config["source"]["checkpoint"] == world["deit_checkpoint"].as_uri()
+    assert config["source"]["checkpoint"] == world["results"][other]["checkpoint_path"]
 
 
 @pytest.mark.parametrize("case", ["no-finished-trials", "nothing-satisfies", "missing-checkpoint",
-                                  "failed-trial", "not-empty", "unknown-experiment"])
+                                  "failed-trial", "infeasible-trial", "not-empty", "unknown-experiment"])
 def test_bad_input_exits_2_and_leaves_nothing(world, tmp_path, capsys, case):
     out = tmp_path / "out"
-    common = ["--tracking-uri", world["uri"], str(out)]
+    uri, experiment, best = world["uri"], world["spec"].experiment, world["best"]
+    deleted = tmp_path / "deleted" / "checkpoint_x"
+    if case == "missing-checkpoint":  # in a copy of the store, the run names a checkpoint deleted since
+        shutil.copy(uri.removeprefix("sqlite:///"), tmp_path / "mlflow.db")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        MlflowClient(uri).set_tag(world["runs"][best].info.run_id, TAG_CHECKPOINT_URI, str(deleted))
+    common = ["--tracking-uri", uri, str(out)]
     args, message = {
         "no-finished-trials": (["--experiment", "nothing-finished"], "has no finished feasible trial"),
-        "nothing-satisfies": (["--experiment", "digits", "--pick", "knee", "--min-accuracy", "101"],
+        "nothing-satisfies": (["--experiment", experiment, "--pick", "knee", "--min-accuracy", "101"],
                               "none of the"),
-        "missing-checkpoint": (["--run-id", world["runs"]["t_lost"].info.run_id], "checkpoint not found"),
-        "failed-trial": (["--run-id", world["runs"]["t_crashed"].info.run_id], "is failed"),
-        "not-empty": (["--experiment", "digits"], "is not empty"),
+        "missing-checkpoint": (["--run-id", world["runs"][best].info.run_id], "checkpoint not found"),
+        "failed-trial": (["--run-id", world["crashed"].info.run_id], "is failed"),
+        "infeasible-trial": (["--run-id", world["runs"][world["infeasible"]].info.run_id], "is infeasible; only completed"),
+        "not-empty": (["--experiment", experiment], "is not empty"),
         "unknown-experiment": (["--experiment", "nope"], "'nope' not found"),
     }[case]
     if case == "not-empty":
@@ -338,16 +280,15 @@ def test_bad_input_exits_2_and_leaves_nothing(world, tmp_path, capsys, case):
         assert not out.exists()
     assert _leftovers(out) == []
     if case == "missing-checkpoint":
-        assert "t_lost" in err and "train-t_lost" in err
+        assert best in err and f"{deleted}/checkpoint.pt" in err and TAG_CHECKPOINT_URI in err
 
 
 def test_failure_after_writing_keeps_the_old_out_dir(world, tmp_path):
     """MLflow cannot store the model (its artifact folder is a file): the files were already
     written, but OUT_DIR keeps its previous content and no temporary folder is left."""
     uri = prepare_store(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
-    spec = world["spec"]
-    _log_search(uri, spec, [("t_deit", _results(ARCHS["t_deit"], world["states"]["t_deit"]["metrics"]),
-                             {TAG_CHECKPOINT_URI: world["deit_checkpoint"].as_uri()})])
+    spec, best = world["spec"], world["best"]
+    _log_search(uri, spec, spec.experiment, [(best, world["demo"].reported(best))])
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(spec.experiment)
     artifacts = Path(experiment.artifact_location.removeprefix("file://"))
@@ -364,20 +305,26 @@ def test_failure_after_writing_keeps_the_old_out_dir(world, tmp_path):
     assert _leftovers(out) == []
 
 
-def test_checkpoint_uri_tag_is_read_through_pyarrow(world, tmp_path):
-    """A run tagged with its checkpoint's URI is read from there (pyarrow's filesystem for
-    the scheme, as Ray Train's storage uses it), not from the spec's storage; a tag naming
-    nothing is an error that names the tag."""
+def test_checkpoint_is_found_by_its_tag_or_in_ray_trains_layout(world, tmp_path):
+    """The run's ``tntsearch.checkpoint_uri`` tag (what the search recorded) names the
+    checkpoint, read through pyarrow's filesystems (a local path, or a URI such as file://
+    or s3:// as Ray Train's storage uses them); a run without the tag is looked up as Ray
+    Train lays runs out under the spec's storage (its newest ``checkpoint_*`` folder); a tag
+    naming nothing is an error that names the tag."""
     from tntsearch.report import load_search
 
     client = MlflowClient(world["uri"])
-    row = next(r for r in load_search(world["uri"], experiment="digits").rows if r["trial_id"] == "t_deit")
+    other = world["other"]
+    row = next(r for r in load_search(world["uri"], experiment=world["spec"].experiment).rows if r["trial_id"] == other)
     row = {**row, "tags": client.get_run(row["run_id"]).data.tags}
-    uri = world["deit_checkpoint"].as_uri()
-    assert uri.startswith("file:///") and ex.find_checkpoint(row, None) == uri
-    state = ex.read_state(uri)
-    for k, v in world["states"]["t_deit"]["model"].items():
-        assert torch.equal(state["model"][k], v), k
+    path = world["results"][other]["checkpoint_path"]
+    assert ex.find_checkpoint(row, None) == path
+    assert ex.find_checkpoint({**row, "tags": {}}, world["spec"]) == path
+    want = _state(world, other)["model"]
+    for checkpoint in (path, Path(path).as_uri()):
+        state = ex.read_state(checkpoint)
+        for k, v in want.items():
+            assert torch.equal(state["model"][k], v), (checkpoint, k)
     gone = {**row, "tags": {TAG_CHECKPOINT_URI: (tmp_path / "gone").as_uri()}}
     with pytest.raises(FileNotFoundError, match="tntsearch.checkpoint_uri"):
         ex.find_checkpoint(gone, world["spec"])
@@ -394,13 +341,13 @@ def test_a_failed_publish_leaves_the_champion_alias_where_it_was(world, tmp_path
 
     def champion() -> str | None:
         try:
-            return client.get_model_version_by_alias("tnt-digits", "champion").version
+            return client.get_model_version_by_alias(world["registered"], "champion").version
         except MlflowException:  # no alias (or no model) yet: this test ran alone
             return None
 
     def versions() -> set[str]:
         try:
-            return {v.version for v in client.search_model_versions("name = 'tnt-digits'")}
+            return {v.version for v in client.search_model_versions(f"name = '{world['registered']}'")}
         except MlflowException:
             return set()
 
@@ -412,7 +359,7 @@ def test_a_failed_publish_leaves_the_champion_alias_where_it_was(world, tmp_path
     blocker.mkdir()
     (blocker / "x").write_text("in the way")
     with pytest.raises(OSError):
-        ex.export(out, experiment="digits", tracking_uri=world["uri"], overwrite=True)
+        ex.export(out, experiment=world["spec"].experiment, tracking_uri=world["uri"], overwrite=True)
     assert len(versions() - known) == 1  # registered before publishing...
     assert champion() == before  # ...but not promoted
     assert [p.name for p in out.iterdir()] == ["old.txt"]
@@ -431,7 +378,7 @@ def test_a_class_list_beside_another_beton_is_refused(world, tmp_path, capsys):
         beton = Path(getattr(world["spec"].data, split))
         for f in (beton, beton.with_suffix(".classes.json")):
             shutil.copy(f, data / f.name)  # a copy (new mtime) keeps its class list valid
-    val = data / "digits_val.beton"
+    val = data / Path(world["spec"].data.val).name
     assert read_classes(val) == [str(d) for d in range(10)]
     convert("synthetic", tmp_path / "other.beton", split="val", num_samples=20, num_classes=10, img_size=16,
             num_workers=1)
@@ -440,13 +387,13 @@ def test_a_class_list_beside_another_beton_is_refused(world, tmp_path, capsys):
     with pytest.raises(ValueError, match="written with another version"):
         read_classes(val)
     spec = world["spec"].model_copy(update={"data": world["spec"].data.model_copy(
-        update={"train": str(data / "digits_train.beton"), "val": str(val)})})
+        update={"train": str(data / Path(world["spec"].data.train).name), "val": str(val)})})
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    rc = ex.main(["--run-id", world["runs"]["t_tnt"].info.run_id, "--spec", str(spec_file), "--no-mlflow",
+    rc = ex.main(["--run-id", world["runs"][world["best"]].info.run_id, "--spec", str(spec_file), "--no-mlflow",
                   "--tracking-uri", world["uri"], str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2 and "digits_val.classes.json: written with another version" in err, err
+    assert rc == 2 and f"{val.stem}.classes.json: written with another version" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -456,14 +403,14 @@ def test_retrain_epochs_trains_again_with_ray_train(world, tmp_path, capsys):
 
     out = tmp_path / "retrained"
     try:
-        rc = ex.main(["--experiment", "digits", "--pick", "min-macs", "--retrain-epochs", "1", "--no-mlflow",
-                      "--tracking-uri", world["uri"], str(out)])
+        rc = ex.main(["--experiment", world["spec"].experiment, "--pick", "min-macs", "--retrain-epochs", "1",
+                      "--no-mlflow", "--tracking-uri", world["uri"], str(out)])
     finally:
         ray.shutdown()
     assert rc == 0, capsys.readouterr().err
     config = ex.read_config(out)
-    cheapest = min(ARCHS, key=lambda t: count_macs(ARCHS[t]))
-    assert TNTConfig.from_dict(config["architecture"]) == ARCHS[cheapest]
+    cheapest = min(world["demo"].trained(), key=lambda t: world["results"][t]["macs"])  # always on the front
+    assert TNTConfig.from_dict(config["architecture"]) == TNTConfig.from_dict(world["results"][cheapest]["arch"])
     assert config["source"]["retrain_epochs"] == 1
     checkpoint = Path(config["source"]["checkpoint"])
     assert checkpoint.is_relative_to(Path(world["spec"].storage) / world["spec"].name / "export")
