@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits data set, written once per session, and a local Ray.
+"""Shared fixtures: the digits data set and one real tiny search (``demo_search``), made
+once per session, and a local Ray.
 
 Helpers that tests import by name live beside this file: ``cluster_utils`` (a multi-node
 Ray on one machine, and ``free_port``), ``mlflow_utils`` (a real ``mlflow server``) and

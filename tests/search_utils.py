@@ -3,7 +3,7 @@ would: a small spec made from the demo, the CLI as a subprocess whose output a t
 react to line by line, and readers for what a search leaves behind (Tune's result files,
 MLflow runs, the Ray node ids of a local cluster). ``DemoSearch`` reads what the session's
 tiny search (tests/conftest.py ``demo_search``) left; ``replay`` reports its results again
-in a Tune run of a test's own.
+in a Tune run of a test's own, ``log_replayed`` hands them to a tracker's Tune hooks.
 """
 from __future__ import annotations
 
