@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -279,14 +280,15 @@ def _run_search(shared: Path | None, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_run_search_resolves_the_spec_against_the_shared_dir(tmp_path):
-    """The real tnt_s spec, started from the shared dir, finds its data there (empty stand-ins:
-    only their existence is checked before Ray starts) and looks for its Ray Tune storage there:
-    ``--resume`` of a search that never ran stops with exit code 2, naming that path."""
+def test_run_search_resolves_the_spec_against_the_shared_dir(tmp_path, digits):
+    """The real tnt_s spec, started from the shared dir, finds its data there (the digits
+    files stand in for ImageNet's: the files are read and checked before Ray starts) and looks
+    for its Ray Tune storage there: ``--resume`` of a search that never ran stops with exit
+    code 2, naming that path."""
     shared = tmp_path / "shared"
     (shared / "data").mkdir(parents=True)
     for split in ("train", "val"):
-        (shared / "data" / f"imagenet_{split}.beton").touch()
+        shutil.copyfile(digits / f"{split}.beton", shared / "data" / f"imagenet_{split}.beton")
     r = _run_search(shared, "search_spaces/tnt_s.yaml", "--resume")
     assert r.returncode == 2, r.stderr
     assert "data." not in r.stderr

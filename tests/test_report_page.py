@@ -46,12 +46,10 @@ def trainable(config):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(ray_session, tmp_path_factory):
     """The search logged to MLflow, then ``tntsearch report`` on it: (its output, the page)."""
     base = tmp_path_factory.mktemp("report")
     uri = prepare_store(f"sqlite:///{base / 'mlflow.db'}")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
     tracker = MlflowTracker(tracking_uri=uri, experiment="report-page", spec_dict={"name": "report-page"},
                             spec_path=None, objectives=OBJECTIVES, epochs=1)
     tune.Tuner(

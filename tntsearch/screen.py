@@ -330,9 +330,10 @@ class SearchScreen(Callback):
             self._routing.apply()
 
     def print(self, *renderables: Any) -> None:
-        """Print below the live view (or as plain lines)."""
+        """Print below the live view (or as plain lines). Strings are printed as they are:
+        rich would take ``[tiny_vit]`` for markup and drop it."""
         if self._console is not None:
-            self._console.print(*renderables)
+            self._console.print(*(Text(r) if isinstance(r, str) else r for r in renderables))
         else:
             print(*renderables, flush=True)
 

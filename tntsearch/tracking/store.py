@@ -16,6 +16,7 @@ for _k, _v in TELEMETRY_ENV.items():
     os.environ.setdefault(_k, _v)
 
 import contextlib  # noqa: E402
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
 
@@ -92,7 +93,7 @@ def prepare_store(uri: str, setting: str = "mlflow.tracking_uri") -> str:
     try:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        with fail_fast_http(10):
+        with fail_fast_http(10), _quiet_schema_creation():
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - whatever MLflow, SQLAlchemy or the OS raise: say it in one line
         while e.__cause__ or e.__context__:  # the root cause, e.g. ConnectionRefusedError under MLflow's wrapping
@@ -100,6 +101,21 @@ def prepare_store(uri: str, setting: str = "mlflow.tracking_uri") -> str:
         what = " ".join(str(e).split())[:300] if str(e) else ""
         raise ValueError(f"`{setting}` {uri}: the tracking store cannot be used ({type(e).__name__}: {what})") from None
     return uri
+
+
+@contextlib.contextmanager
+def _quiet_schema_creation() -> Iterator[None]:
+    """MLflow logs each step of creating a SQLite schema at INFO ("Creating initial MLflow
+    database tables..."): set-up chatter printed before the search screen could route it."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
