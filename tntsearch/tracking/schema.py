@@ -27,6 +27,7 @@ __all__ = [
     "TAG_BASELINE",
     "TAG_INFEASIBLE",
     "TAG_CHECKPOINT_URI",
+    "TAG_WEIGHTS",
     "TAG_RUN_KEY",
     "TAG_ORPHANED",
     "CONSTRAINT_PREFIX",
@@ -55,6 +56,7 @@ TAG_TRIAL_ID = "ray.trial_id"
 TAG_BASELINE = "baseline"  # preset name of a baseline trial, "" otherwise
 TAG_INFEASIBLE = "infeasible_reason"  # which constraints an infeasible trial broke, and by how much
 TAG_CHECKPOINT_URI = "tntsearch.checkpoint_uri"  # the trial's last Ray Train checkpoint (path or URI); export reads it
+TAG_WEIGHTS = "tntsearch.weights"  # "supernet": the checkpoint is the supernet's, the weights are extracted (docs/supernet.md)
 TAG_RUN_KEY = "tntsearch.run_key"  # "<search uid>/<record key>": a replayed `start` finds its run (docs/faults.md)
 TAG_ORPHANED = "tntsearch.orphaned"  # "true": Tune forgot the trial (driver killed before its snapshot); not counted
 CONSTRAINT_PREFIX = "constraint_"  # relative constraint values the search reports (> 0: violated)
