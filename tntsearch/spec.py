@@ -154,6 +154,11 @@ class Scheduler(_Strict):
 
 
 class SearchSettings(_Strict):
+    """How candidates are proposed and scored. ``mode: train_each`` trains every candidate
+    (one Ray Train run per trial); ``mode: supernet`` trains the spec's ``supernet:`` once and
+    scores each candidate with inherited weights (docs/supernet.md, "Searching over the supernet")."""
+
+    mode: Literal["train_each", "supernet"] = "train_each"
     algorithm: Literal["nsga2", "tpe", "random"] = "nsga2"
     num_samples: int = Field(default=16, ge=1)
     max_concurrent: int = Field(default=2, ge=1)
@@ -179,6 +184,17 @@ class DataSpec(_Strict):
     flip: bool = True  # off for data where a mirror image is another class (digits, text)
     val_crop_ratio: float = Field(default=224 / 256, gt=0, le=1)  # DeiT's evaluation crop
     in_memory: bool = True
+    # Supernet mode's selection data (docs/supernet.md, "Searching over the supernet"):
+    # candidates are scored on a .beton of their own, or on a fraction of `train` split off
+    # deterministically (seeded by train.seed) that the supernet then never trains on.
+    search: str | None = None
+    search_fraction: float | None = Field(default=None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_search_source(self) -> DataSpec:
+        if self.search is not None and self.search_fraction is not None:
+            raise ValueError("data.search and data.search_fraction both name the selection data: keep one")
+        return self
 
 
 class TrainSpec(_Strict):
@@ -310,6 +326,12 @@ class SearchSpec(_Strict):
                     f"sub-networks and cannot vary {name}: fix it to one value or drop the supernet section")
         return self
 
+    @model_validator(mode="after")
+    def _supernet_mode(self) -> SearchSpec:
+        if self.search.mode == "supernet" and self.supernet is None:
+            raise ValueError("search.mode: supernet needs a supernet: section (epochs, sampling, k, distill)")
+        return self
+
     @property
     def experiment(self) -> str:
         return self.mlflow.experiment or self.name
@@ -348,5 +370,6 @@ def load_spec(path: str | Path, base_dir: str | Path | None = None) -> SearchSpe
     except ValidationError as e:
         raise SpecError(f"{path}: {_format_errors(e)}") from None
     base = Path(base_dir or Path.cwd())
-    data = spec.data.model_copy(update={"train": _absolute(spec.data.train, base), "val": _absolute(spec.data.val, base)})
+    data = spec.data.model_copy(update={"train": _absolute(spec.data.train, base), "val": _absolute(spec.data.val, base),
+                                        "search": spec.data.search and _absolute(spec.data.search, base)})
     return spec.model_copy(update={"data": data, "storage": _absolute(spec.storage, base)})

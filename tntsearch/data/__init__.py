@@ -26,6 +26,7 @@ __all__ = [
     "check_files",
     "clone_batch",
     "convert",
+    "make_eval_loader",
     "make_loaders",
     "read_classes",
     "read_info",
@@ -37,14 +38,14 @@ _HOME = {
     "DataFileError": "checking", "check_files": "checking", "read_info": "checking",
     "PipelineError": "ffcv_fixes", "SafeLoader": "ffcv_fixes", "SafeWriter": "ffcv_fixes",
     "clone_batch": "ffcv_fixes",
-    "make_loaders": "loaders",
+    "make_loaders": "loaders", "make_eval_loader": "loaders",
 }
 
 if TYPE_CHECKING:
     from .writing import BUILTIN_SOURCES, BetonInfo, convert, read_classes
     from .checking import DataFileError, check_files, read_info
     from .ffcv_fixes import PipelineError, SafeLoader, SafeWriter, clone_batch
-    from .loaders import make_loaders
+    from .loaders import make_eval_loader, make_loaders
 
 
 def __getattr__(name: str) -> Any:

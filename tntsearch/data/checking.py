@@ -142,12 +142,14 @@ def _classes(path: Path) -> tuple[str, ...]:
 
 
 def check_files(data: Any) -> tuple[BetonInfo | None, BetonInfo | None]:
-    """`read_info` of `data.train` and `data.val` (a `DataSpec`), before Ray starts: raises
-    FileNotFoundError or DataFileError naming the spec field and the path. Remote URIs
-    (`s3://...`) are left to the loaders (None)."""
+    """`read_info` of `data.train` and `data.val` (a `DataSpec`; and `data.search` when it names
+    one), before Ray starts: raises FileNotFoundError or DataFileError naming the spec field
+    and the path. Remote URIs (`s3://...`) are left to the loaders (None)."""
     infos = []
-    for field in ("train", "val"):
-        path = getattr(data, field)
+    for field in ("train", "val", "search"):
+        path = getattr(data, field, None)
+        if path is None:
+            continue
         if "://" in path:
             infos.append(None)
             continue

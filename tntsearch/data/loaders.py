@@ -33,7 +33,7 @@ from ffcv.pipeline.state import State
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-__all__ = ["make_loaders"]
+__all__ = ["make_loaders", "make_eval_loader"]
 
 _CROP_ASPECT = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
@@ -138,6 +138,7 @@ def make_loaders(
     num_classes: int | None = None,
     label_smoothing: float = 0.0,
     drop_last: bool = True,
+    train_indices: Sequence[int] | None = None,
 ) -> tuple[SafeLoader, SafeLoader]:
     """(train_loader, val_loader) over `data_spec.train` / `data_spec.val`.
 
@@ -154,6 +155,8 @@ def make_loaders(
         label_smoothing: folded into the Mixup targets (the train loop's loss must then be
             a soft-target cross-entropy without further smoothing).
         drop_last: drop the last incomplete train batch (val keeps every sample).
+        train_indices: train on these samples of `data_spec.train` only (supernet mode's
+            `data.search_fraction` holds the others out for scoring candidates).
     """
     _check_spec(data_spec, img_size)
     device = torch.device(device)
@@ -187,18 +190,33 @@ def make_loaders(
     common = dict(batch_size=data_spec.batch_size, num_workers=data_spec.num_workers,
                   os_cache=data_spec.in_memory, seed=seed)
     crop = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(data_spec.crop_scale), ratio=_CROP_ASPECT)
+    if train_indices is not None:
+        common_train = {"indices": np.asarray(train_indices, dtype=np.int64)}
+    else:
+        common_train = {}
     train = SafeLoader(
-        str(train_info.path), order=train_order, drop_last=drop_last, batch_transform=mixup_fn,
+        str(train_info.path), order=train_order, drop_last=drop_last, batch_transform=mixup_fn, **common_train,
         pipelines={"image": _image_pipeline(crop, device, data_spec.mean, data_spec.std, data_spec.flip, on_device),
                    "label": _label_pipeline(device)},
         **common,
     )
-    center = CenterCropRGBImageDecoder((img_size, img_size), ratio=data_spec.val_crop_ratio)
-    val = SafeLoader(
-        str(val_info.path), order=val_order, drop_last=False,
-        pipelines={"image": _image_pipeline(center, device, data_spec.mean, data_spec.std, False, on_device),
-                   "label": _label_pipeline(device)},
-        **common,
-    )
+    val = make_eval_loader(data_spec, str(val_info.path), img_size, device=device, order=val_order, seed=seed)
     return train, val
+
+
+def make_eval_loader(data_spec: Any, path: str, img_size: int, *, device: str | torch.device,
+                     indices: Sequence[int] | None = None, order: Any = OrderOption.SEQUENTIAL,
+                     seed: int = 0) -> SafeLoader:
+    """A validation-style loader (centre crop, no augmentation, every sample once) over
+    `path`, or over `indices` of it: the val loader, and supernet mode's search slice."""
+    device = torch.device(device)
+    center = CenterCropRGBImageDecoder((img_size, img_size), ratio=data_spec.val_crop_ratio)
+    extra = {} if indices is None else {"indices": np.asarray(indices, dtype=np.int64)}
+    return SafeLoader(
+        path, order=order, drop_last=False, batch_size=data_spec.batch_size, num_workers=data_spec.num_workers,
+        os_cache=data_spec.in_memory, seed=seed,
+        pipelines={"image": _image_pipeline(center, device, data_spec.mean, data_spec.std, False, device.type == "cuda"),
+                   "label": _label_pipeline(device)},
+        **extra,
+    )
 

@@ -112,9 +112,14 @@ def fit_supernet(
     net = Supernet(spec.space).to(device)
     torch.manual_seed(recipe.seed + 1 + rank)  # independent drop-path masks per rank
     bounds = net.space.bounds
+    # NOTE: data.search_fraction's held-out images score the search's candidates: never trained on.
+    from tntsearch.supernet.selection import search_split
+
+    train_indices, _ = search_split(data, recipe.seed)
     train_loader, val_loader = make_loaders(
         data, bounds.img_size, device=device, distributed=world > 1, seed=recipe.seed,
         num_classes=bounds.num_classes, label_smoothing=recipe.label_smoothing, drop_last=True,
+        train_indices=train_indices,
     )
     steps = len(train_loader)
     if steps == 0:
