@@ -27,7 +27,7 @@ from tntsearch.model import TNT, TNTConfig, _init_weights
 from tntsearch.supernet.layers import SuperBlock, SuperConv2d, SuperLayerNorm, SuperLinear, SuperWordProj, _prefixed
 from tntsearch.supernet.sampling import SubnetSpace
 
-__all__ = ["Supernet"]
+__all__ = ["Supernet", "load_supernet"]
 
 
 class _SuperTNTBlock(nn.Module):
@@ -144,3 +144,21 @@ class Supernet(nn.Module):
         # NOTE: built on "meta", the model picked its attention kernel for that device; moving
         # it to where its weights are picks the kernel TNT uses there.
         return model.to(self.cls_token.device).train(self.training)
+
+
+def load_supernet(state: Mapping[str, Any], spec: Any) -> Supernet:
+    """The supernet saved in a ``fit_supernet`` state (a checkpoint's ``checkpoint.pt``), in
+    eval mode on the CPU, for ``spec``'s space (a ``SearchSpec``).
+
+    ValueError when ``state`` is not a supernet's or was trained for another space: a slice
+    of another space's weights is not this space's sub-network.
+    """
+    if "space" not in state or "model" not in state:
+        raise ValueError("the checkpoint is not a supernet's (no `space` and `model` in its state)")
+    space = spec.model_dump(mode="json")["space"]
+    if dict(state["space"]) != space:
+        differ = sorted(k for k in set(space) | set(state["space"]) if space.get(k) != state["space"].get(k))
+        raise ValueError(f"the supernet was trained for another space (space.{', space.'.join(differ)} differ)")
+    net = Supernet(spec.space)
+    net.load_state_dict(state["model"])
+    return net.eval()
