@@ -340,6 +340,7 @@ def fit(
     extra_metrics: Mapping[str, Any] | None = None,
     stop_epoch: int | None = None,
     prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+    initial_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``arch`` on ``data`` with ``recipe``; return the metrics of each epoch run here.
 
@@ -360,6 +361,9 @@ def fit(
             ``recipe.epochs``, so that a later run resumes the same schedule.
         prepare_model: moves the model to ``device`` and wraps it for DDP (default: ``.to``
             and ``DistributedDataParallel`` when a process group with >1 ranks exists).
+        initial_weights: a state dict of ``arch`` to start from instead of a random
+            initialisation (fine-tuning, e.g. weights inherited from a supernet), with a fresh
+            optimizer and schedule; a ``start_state`` still wins (a resumed fine-tuning).
 
     Raises:
         NonFiniteLossError: the loss became NaN/inf (the message names epoch, step and lr).
@@ -381,6 +385,8 @@ def fit(
 
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank
     net = create_model(arch)
+    if initial_weights is not None:
+        net.load_state_dict(initial_weights)
     torch.manual_seed(recipe.seed + 1 + rank)  # independent drop-path masks per rank
     model = prepare_model(net) if prepare_model is not None else _default_prepare(net, device)
     model = torch.compile(model) if recipe.compile else model  # docs/model_and_cost.md, "torch.compile"

@@ -60,8 +60,10 @@ def ray_start_state() -> dict[str, Any] | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train loop: ``config`` holds ``arch``, ``data``, ``train`` (plain dicts),
-    ``extra_metrics`` and ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``.
-    Every report also carries ``node_id``, the Ray node this worker runs on."""
+    ``extra_metrics``, ``stop_epoch`` and ``initial_weights`` (an object ref, or None);
+    resumes from ``ray.train.get_checkpoint()``. Every report also carries ``node_id``, the
+    Ray node this worker runs on."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -78,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         extra_metrics=extra,
         stop_epoch=config.get("stop_epoch"),
         prepare_model=ray.train.torch.prepare_model,
+        initial_weights=ray.get(config["initial_weights"]) if config.get("initial_weights") is not None else None,
     )
 
 
@@ -91,14 +94,18 @@ def make_trainer(
     callbacks: Sequence[Any] | None = None,
     stop_epoch: int | None = None,
     num_to_keep: int | None = 2,
+    initial_weights: Mapping[str, Any] | None = None,
 ):
-    """A ``TorchTrainer`` that trains ``arch`` with the spec's data, recipe and resources.
+    """A ``TorchTrainer`` that trains ``arch`` with the spec's data, recipe and resources,
+    from a random initialisation or from ``initial_weights`` (``tntsearch.train.fit``).
 
     Running a trainer with the same ``name`` and ``storage_path`` again continues from the
     run's latest checkpoint (Ray Train V2 keeps a snapshot of the run's checkpoints there);
     a worker failure is retried ``spec.resources.max_failures`` times, each retry resuming
     from the latest checkpoint. Pass ``callbacks=[TuneReportCallback()]`` inside a Tune trial.
     """
+    import ray
+
     arch = get_config(arch)
     config = {
         "arch": arch.to_dict(),
@@ -106,6 +113,9 @@ def make_trainer(
         "train": spec.train.model_dump(mode="json"),
         "extra_metrics": dict(extra_metrics or {}),
         "stop_epoch": stop_epoch,
+        # NOTE: through the object store, not as tensors in the config: Ray Train keeps a
+        # JSON rendering of the config for its state API.
+        "initial_weights": None if initial_weights is None else ray.put(dict(initial_weights)),
     }
     clash = sorted(set(config["extra_metrics"]) & set(TRAIN_METRICS))
     if clash:

@@ -5,9 +5,24 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-__all__ = ["ALIAS", "model_card"]
+__all__ = ["ALIAS", "model_card", "weights_text"]
 
 ALIAS = "champion"  # the registry alias that names the exported version
+
+
+def weights_text(src: Mapping[str, Any], m: Mapping[str, Any]) -> str:
+    """Where the exported weights came from, in words (``config.json``'s ``source``)."""
+    if src.get("retrain_epochs"):
+        return (f"re-trained from scratch for {src['retrain_epochs']} epochs with the search's recipe "
+                f"(checkpoint `{src['checkpoint']}`)")
+    start = ("inherited from the supernet" if src.get("weights") == "supernet"
+             else "the trial's own training")
+    if src.get("finetune_epochs"):
+        return (f"{start} (`{src['finetuned_from']}`), fine-tuned for {src['finetune_epochs']} epochs with the "
+                f"search's recipe (checkpoint `{src['checkpoint']}`)")
+    if src.get("weights") == "supernet":
+        return f"{start}, not trained alone (the supernet's checkpoint `{src['checkpoint']}`)"
+    return f"{start}, epoch {m.get('epoch', 'n/a')} (checkpoint `{src['checkpoint']}`)"
 
 
 def model_card(config: Mapping[str, Any], registry: Mapping[str, Any] | None = None) -> str:
@@ -24,11 +39,7 @@ def model_card(config: Mapping[str, Any], registry: Mapping[str, Any] | None = N
             else f"hybrid: TNT blocks {', '.join(map(str, blocks))} of {arch['depth']}, the rest vanilla")
     names = config["class_names"]
     shown = ", ".join(names[:20]) + (f", ... ({len(names)} classes)" if len(names) > 20 else "")
-    if src.get("retrain_epochs"):
-        weights = (f"re-trained from scratch for {src['retrain_epochs']} epochs with the search's recipe "
-                   f"(checkpoint `{src['checkpoint']}`)")
-    else:
-        weights = f"the trial's own training, epoch {m.get('epoch', 'n/a')} (checkpoint `{src['checkpoint']}`)"
+    weights = weights_text(src, m)
     lines = [
         f"# {src.get('registered_model') or 'tntsearch model'}: {kind}, {arch['img_size']}x{arch['img_size']}",
         "",

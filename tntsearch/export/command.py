@@ -1,6 +1,7 @@
 """``python -m tntsearch.export``: read a search back from MLflow, pick a front point, load
-its weights, write and check every format, register the model, publish OUT_DIR
-(docs/export.md). Each step is one function below; :func:`export` runs them in order."""
+its weights (its checkpoint, or extracted from the supernet in supernet mode; optionally
+trained further or again), write and check every format, register the model, publish
+OUT_DIR (docs/export.md). Each step is one function below; :func:`export` runs them in order."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from tntsearch.tracking import TAG_ARCH, TAG_ROLE, env_defaults, front_rows, resolve_tracking_uri  # first: MLflow telemetry off
+from tntsearch.tracking import (  # first: MLflow telemetry off
+    TAG_ARCH, TAG_CHECKPOINT_URI, TAG_ROLE, TAG_WEIGHTS, env_defaults, front_rows, resolve_tracking_uri,
+)
 
-from tntsearch.export.card import model_card  # noqa: E402
+from tntsearch.export.card import model_card, weights_text  # noqa: E402
 from tntsearch.export.choose import ACCURACY_METRIC, PICK_RULES, limits_text, pick, value  # noqa: E402
 from tntsearch.export.formats import FILES, FORMAT, FORMAT_VERSION, class_names, preprocessing, verify_export, write_export  # noqa: E402
 from tntsearch.export.registry import check_model_name, log_and_register, promote  # noqa: E402
-from tntsearch.export.weights import find_checkpoint, read_state, retrain  # noqa: E402
+from tntsearch.export.weights import find_checkpoint, inherited_model, read_state, retrain  # noqa: E402
 from tntsearch.model import TNT, TNTConfig, create_model  # noqa: E402
 
 __all__ = ["EXIT_BAD_INPUT", "ExportResult", "export", "main"]
@@ -50,9 +53,13 @@ class ExportResult:
 
 
 def _check_arguments(run_id: str | None, pick_rule: str, min_accuracy: float | None, max_macs: float | None,
-                     retrain_epochs: int | None, registered_model: str | None) -> None:
+                     retrain_epochs: int | None, finetune: int | None, registered_model: str | None) -> None:
     if retrain_epochs is not None and retrain_epochs < 1:
         raise ValueError(f"`retrain_epochs` must be >= 1; got {retrain_epochs}")
+    if finetune is not None and finetune < 1:
+        raise ValueError(f"`finetune` must be >= 1; got {finetune}")
+    if retrain_epochs is not None and finetune is not None:
+        raise ValueError("--retrain-epochs trains from scratch, --finetune from the trial's weights: pick one")
     if pick_rule not in PICK_RULES:
         raise ValueError(f"`pick` must be one of {', '.join(PICK_RULES)}; got {pick_rule!r}")
     if run_id is not None and (pick_rule != "best-accuracy" or min_accuracy is not None or max_macs is not None):
@@ -137,24 +144,50 @@ def _logged_spec(client: Any, parent_run_id: str):
 # The model and its config
 
 
-def _model(row: Mapping[str, Any], spec: Any | None, retrain_epochs: int | None) -> tuple[TNT, dict[str, Any], str]:
-    """The trial's model with its weights (from its checkpoint, or trained again), the
-    training state they came from and where that state lies."""
+def _model(row: Mapping[str, Any], spec: Any | None, retrain_epochs: int | None,
+           finetune: int | None) -> tuple[TNT, dict[str, Any], dict[str, Any]]:
+    """The trial's model with its weights, the training state they came from (the metrics
+    of a sub-network with inherited weights are the search's, not a state's) and where they
+    came from: ``checkpoint``, ``weights`` (``trial``, ``supernet`` or ``scratch``) and
+    ``finetuned_from``. The weights are the trial's checkpoint's, or the sub-network's slice
+    of the supernet's checkpoint (a run tagged ``TAG_WEIGHTS=supernet``), trained
+    ``finetune`` more epochs; or ``retrain_epochs`` from scratch."""
+    who = f"trial {row.get('trial_id') or '?'} (run {row['run_id']})"
     if not row.get("arch"):
-        raise ValueError(f"trial {row['trial_id']} (run {row['run_id']}) has no `{TAG_ARCH}` tag: its architecture is unknown")
+        raise ValueError(f"{who} has no `{TAG_ARCH}` tag: its architecture is unknown")
     arch = TNTConfig.from_dict(row["arch"])
+    label = str(row.get("trial_id") or row["run_id"])
+    if (retrain_epochs is not None or finetune is not None) and spec is None:
+        raise FileNotFoundError(f"--{'retrain-epochs' if finetune is None else 'finetune'} needs the search's spec "
+                                "(data and recipe): pass --spec")
+    source: dict[str, Any] = {"weights": "scratch", "finetuned_from": None}
     if retrain_epochs is not None:
-        if spec is None:
-            raise FileNotFoundError("--retrain-epochs needs the search's spec (data and recipe): pass --spec")
-        state, checkpoint = retrain(arch, spec, retrain_epochs, str(row.get("trial_id") or row["run_id"]))
+        state, checkpoint = retrain(arch, spec, retrain_epochs, label)
     else:
-        checkpoint = find_checkpoint(row, spec)
-        state = read_state(checkpoint)
-    if dict(state.get("arch", {})) != arch.to_dict():
-        raise ValueError(f"checkpoint {checkpoint} holds architecture {state.get('arch')}, not the trial's {arch.to_dict()}")
+        source["weights"] = (row.get("tags") or {}).get(TAG_WEIGHTS) or "trial"
+        if source["weights"] == "supernet":
+            if not (row.get("tags") or {}).get(TAG_CHECKPOINT_URI):
+                raise FileNotFoundError(f"{who}: its weights are a supernet's, but no `{TAG_CHECKPOINT_URI}` tag "
+                                        "names the supernet's checkpoint")
+            if spec is None:
+                raise FileNotFoundError(f"{who}: extracting its weights from the supernet needs the search's spec "
+                                        "(the space): pass --spec")
+            checkpoint = find_checkpoint(row, spec)
+            state = {"arch": arch.to_dict(), "model": inherited_model(checkpoint, spec, arch).state_dict(), "metrics": {}}
+        elif source["weights"] == "trial":
+            checkpoint = find_checkpoint(row, spec)
+            state = read_state(checkpoint)
+        else:
+            raise ValueError(f"{who}: unknown `{TAG_WEIGHTS}` tag {source['weights']!r} (known: supernet)")
+        if dict(state.get("arch", {})) != arch.to_dict():
+            raise ValueError(f"checkpoint {checkpoint} holds architecture {state.get('arch')}, "
+                             f"not the trial's {arch.to_dict()}")
+        if finetune is not None:
+            source["finetuned_from"] = str(checkpoint)
+            state, checkpoint = retrain(arch, spec, finetune, label, initial_weights=state["model"])
     model = create_model(arch)
     model.load_state_dict(state["model"])
-    return model.eval(), state, str(checkpoint)
+    return model.eval(), state, {**source, "checkpoint": str(checkpoint)}
 
 
 def _metrics(row: Mapping[str, Any], state: Mapping[str, Any], retrained: bool, notes: list[str]) -> dict[str, Any]:
@@ -203,7 +236,10 @@ def _config(arch: TNTConfig, row: Mapping[str, Any], search: Any, spec: Any | No
             "limits": source["limits"],
             "objectives": [o.to_list() for o in search.objectives],
             "checkpoint": source["checkpoint"],
+            "weights": source["weights"],
+            "finetuned_from": source["finetuned_from"],
             "retrain_epochs": source["retrain_epochs"],
+            "finetune_epochs": source["finetune_epochs"],
             "data_train": data.train if data is not None else None,
             "data_val": data.val if data is not None else None,
             "throughput_device": f"{device}, batch {measure.batch_size}" if measure is not None else None,
@@ -272,6 +308,7 @@ def export(
     min_accuracy: float | None = None,
     max_macs: float | None = None,
     retrain_epochs: int | None = None,
+    finetune: int | None = None,
     spec: str | os.PathLike | None = None,
     tracking_uri: str | None = None,
     registered_model: str | None = None,
@@ -280,6 +317,8 @@ def export(
 ) -> ExportResult:
     """Export the front point that ``pick_rule`` picks from ``experiment``'s newest search
     (or the trial whose child run is ``run_id``) into ``out_dir``; see docs/export.md.
+    ``retrain_epochs`` trains the architecture again from scratch; ``finetune`` trains its
+    weights (the trial's, or those it inherits from the supernet) that many more epochs.
 
     Raises:
         ValueError: bad arguments, no finished trial, no front point within the limits,
@@ -291,7 +330,7 @@ def export(
 
     from tntsearch.spec import load_spec
 
-    _check_arguments(run_id, pick_rule, min_accuracy, max_macs, retrain_epochs, registered_model)
+    _check_arguments(run_id, pick_rule, min_accuracy, max_macs, retrain_epochs, finetune, registered_model)
     out = Path(out_dir).expanduser().absolute()
     _prepare_out_dir(out, overwrite)
     given_spec = load_spec(spec) if spec is not None else None
@@ -307,9 +346,9 @@ def export(
     search, row, rule_text = _chosen_trial(client, experiment, run_id, pick_rule, min_accuracy, max_macs)
     row["tags"] = dict(client.get_run(row["run_id"]).data.tags)  # the checkpoint's URI, when recorded
     the_spec = given_spec or _logged_spec(client, search.parent_run_id)
-    model, state, checkpoint = _model(row, the_spec, retrain_epochs)
+    model, state, weights = _model(row, the_spec, retrain_epochs, finetune)
     notes: list[str] = []
-    metrics = _metrics(row, state, retrain_epochs is not None, notes)
+    metrics = _metrics(row, state, retrain_epochs is not None or finetune is not None, notes)
     experiment_name = client.get_experiment(search.experiment_id).name
     name = (registered_model or (the_spec.mlflow.registered_model if the_spec is not None else None)
             or f"{experiment_name}-model")
@@ -317,8 +356,8 @@ def export(
         check_model_name(name)
     config = _config(model.config, row, search, the_spec, metrics=metrics, notes=notes, source={
         "tracking_uri": uri, "experiment": experiment_name, "pick": rule_text,
-        "limits": limits_text(min_accuracy, max_macs), "checkpoint": checkpoint, "retrain_epochs": retrain_epochs,
-        "registered_model": name if register else None})
+        "limits": limits_text(min_accuracy, max_macs), **weights, "retrain_epochs": retrain_epochs,
+        "finetune_epochs": finetune, "registered_model": name if register else None})
     diffs, registry = _write_and_publish(model, config, out, register=register, uri=uri, search=search, row=row)
     return ExportResult(
         out_dir=out, files={k: out / v for k, v in FILES.items()}, config=config, row=row, max_abs_diff=diffs,
@@ -343,8 +382,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="best-accuracy (default): most accurate; knee: the front's knee; min-macs: fewest MACs")
     p.add_argument("--min-accuracy", type=float, help="only front points with val_top1 (percent) >= this")
     p.add_argument("--max-macs", type=float, help="only front points with at most this many MACs")
-    p.add_argument("--retrain-epochs", type=int, help="re-train the picked architecture from scratch for N epochs "
-                                                      "(Ray Train, the spec's data and recipe) instead of using its checkpoint")
+    train = p.add_mutually_exclusive_group()
+    train.add_argument("--retrain-epochs", type=int, metavar="N",
+                       help="re-train the picked architecture from scratch for N epochs "
+                            "(Ray Train, the spec's data and recipe) instead of using its checkpoint")
+    train.add_argument("--finetune", type=int, metavar="N",
+                       help="train the picked model's weights (its checkpoint's, or inherited from the supernet) "
+                            "N more epochs (Ray Train, the spec's data and recipe) and export those")
     p.add_argument("--spec", help="the search's spec YAML (default: the copy logged on the search's parent run)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, $MLFLOW_TRACKING_URI, "
                                           "else sqlite:///<cwd>/mlflow.db)")
@@ -365,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export(
             args.out_dir, experiment=args.experiment, run_id=args.run_id, pick_rule=args.pick,
             min_accuracy=args.min_accuracy, max_macs=args.max_macs, retrain_epochs=args.retrain_epochs,
-            spec=args.spec, tracking_uri=args.tracking_uri, registered_model=args.registered_model,
+            finetune=args.finetune, spec=args.spec, tracking_uri=args.tracking_uri, registered_model=args.registered_model,
             register=not args.no_mlflow, overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as e:
@@ -375,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"exported trial {src['trial_id']} (run {src['run_id']}, picked by {src['pick']}): "
           f"val_top1 {m.get('val_top1', float('nan')):.2f}%, {m.get('macs', float('nan')):,.0f} MACs, "
           f"{m.get('params', float('nan')):,.0f} params -> {result.out_dir}")
+    print(f"weights: {weights_text(src, m)}")
     print("formats agree with the model (max |logit diff|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in result.max_abs_diff.items()))
     if result.model_uri:

@@ -1,6 +1,7 @@
 """The weights to export: a trial's last Ray Train checkpoint, read through pyarrow's
-filesystems as Ray Train writes them (a local folder or a URI such as ``s3://...``), or a new
-training run of the picked architecture (docs/export.md, "Which weights")."""
+filesystems as Ray Train writes them (a local folder or a URI such as ``s3://...``), the
+sub-network extracted from a supernet's checkpoint (supernet mode), or a new training run
+of the picked architecture, from scratch or from those weights (docs/export.md, "Which weights")."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from tntsearch.model import TNTConfig
+from tntsearch.model import TNT, TNTConfig
 
-__all__ = ["find_checkpoint", "read_state", "retrain"]
+__all__ = ["find_checkpoint", "read_state", "inherited_model", "retrain"]
 
 
 def _filesystem(uri: str):
@@ -78,9 +79,27 @@ def read_state(checkpoint: str) -> dict[str, Any]:
         return load_state(local)
 
 
-def retrain(arch: TNTConfig, spec: Any, epochs: int, label: str) -> tuple[dict[str, Any], str]:
-    """Train ``arch`` from scratch for ``epochs`` with the spec's data, recipe and resources
-    (Ray Train, as the search does); return the final state and its checkpoint path."""
+def inherited_model(checkpoint: str, spec: Any, arch: TNTConfig) -> TNT:
+    """``arch`` with the weights it inherits from the supernet saved in ``checkpoint`` (a
+    folder or a URI, as :func:`read_state` reads it), trained for ``spec``'s space; eval mode.
+
+    Raises:
+        ValueError: the checkpoint is not a supernet's, was trained for another space, or
+            ``arch`` is not in the space.
+    """
+    from tntsearch.supernet.model import load_supernet
+
+    try:
+        return load_supernet(read_state(checkpoint), spec).extract(arch).eval()
+    except ValueError as e:
+        raise ValueError(f"checkpoint {checkpoint}: {e}") from None
+
+
+def retrain(arch: TNTConfig, spec: Any, epochs: int, label: str,
+            initial_weights: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """Train ``arch`` for ``epochs`` with the spec's data, recipe and resources (Ray Train, as
+    the search does), from scratch or from ``initial_weights`` (a state dict: fine-tuning);
+    return the final state and its checkpoint path."""
     import ray
     from ray.train import TrainingFailedError
 
@@ -97,14 +116,17 @@ def retrain(arch: TNTConfig, spec: Any, epochs: int, label: str) -> tuple[dict[s
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": dict(TELEMETRY_ENV)})
     try:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        trainer = make_trainer(arch, spec, name=f"retrain-{label}-{epochs}ep-{stamp}",
-                               storage_path=str(Path(experiment_path(spec)) / "export"), num_to_keep=1)
+        what = "re-training" if initial_weights is None else "fine-tuning"
+        trainer = make_trainer(arch, spec, name=f"{'retrain' if initial_weights is None else 'finetune'}-{label}-"
+                                                f"{epochs}ep-{stamp}",
+                               storage_path=str(Path(experiment_path(spec)) / "export"), num_to_keep=1,
+                               initial_weights=initial_weights)
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            raise RuntimeError(f"re-training failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            raise RuntimeError(f"{what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
         if result.checkpoint is None:
-            raise RuntimeError("re-training reported no checkpoint")
+            raise RuntimeError(f"{what} reported no checkpoint")
         with result.checkpoint.as_directory() as local:
             return load_state(local), result.checkpoint.path
     finally:
