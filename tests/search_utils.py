@@ -8,6 +8,7 @@ in a Tune run of a test's own, ``log_replayed`` hands them to a tracker's Tune h
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -21,17 +22,21 @@ from typing import Any, Callable
 
 import mlflow
 import psutil
+import pytest
 import yaml
 
 __all__ = [
     "ROOT",
     "demo_spec",
     "run_cli",
+    "refused_by_cli",
     "tune_results",
     "mlflow_runs",
     "raylet_node_id",
     "stop_cluster",
     "DEMO_SEARCH",
+    "DEMO_SUPERNET_SEARCH",
+    "supernet_spec",
     "DemoSearch",
     "replay",
     "log_replayed",
@@ -62,13 +67,36 @@ def demo_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, epoch
     return path
 
 
+def supernet_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, supernet_epochs: int,
+                  tracking_uri: str | None = None, constraints: dict[str, Any] | None = None, **search: Any) -> Path:
+    """search_spaces/demo_supernet.yaml over the session's digits files, shrunk like
+    :func:`demo_spec`: ``num_samples`` candidates, ``supernet_epochs`` epochs of supernet
+    training, no throughput constraint unless ``constraints`` says otherwise."""
+    raw = yaml.safe_load((ROOT / "search_spaces" / "demo_supernet.yaml").read_text())
+    raw["name"] = name
+    raw["data"].update(train=str(digits / "train.beton"), val=str(digits / "val.beton"))
+    raw["supernet"]["epochs"] = supernet_epochs
+    raw["train"]["warmup_epochs"] = min(1, supernet_epochs - 1)
+    raw["search"].update(num_samples=num_samples, **search)
+    raw["constraints"]["min_throughput"] = None
+    raw["constraints"].update(constraints or {})
+    raw["mlflow"]["experiment"] = name
+    if tracking_uri:
+        raw["mlflow"]["tracking_uri"] = tracking_uri
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None,
             on_line: Callable[[str], None] | None = None, interrupt_after: str | None = None,
-            interrupt_when: Callable[[], bool] | None = None, send: int = signal.SIGINT,
+            interrupt_when: Callable[[], bool] | None = None,
+            send: int | Callable[[subprocess.Popen], None] = signal.SIGINT,
             timeout: float = 600) -> tuple[int, str]:
     """Run the search CLI to its end; ``on_line`` sees every output line as it comes. The
     first line containing ``interrupt_after``, or ``interrupt_when()`` turning true (asked
-    every 0.2 s), sends the CLI the signal ``send`` once (default SIGINT, Ctrl-C).
+    every 0.2 s), sends the CLI the signal ``send`` once (default SIGINT, Ctrl-C), or calls
+    ``send(process)`` when it is a function (a fault of another kind: its Ray killed, say).
     Returns the exit code (``-9`` for SIGKILL) and the whole output (stdout and stderr together)."""
     env = dict(env or os.environ)
     # NOTE: mlflow.set_tracking_uri (in this process, other tests) exports MLFLOW_TRACKING_URI,
@@ -79,12 +107,13 @@ def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**env, "PYTHONUNBUFFERED": "1"},
     )
+    fault = (lambda: send(proc)) if callable(send) else (lambda: proc.send_signal(send))
     if interrupt_when is not None:
         def watch() -> None:
             while proc.poll() is None and not interrupt_when():
                 time.sleep(0.2)
             if proc.poll() is None:
-                proc.send_signal(send)
+                fault()
         threading.Thread(target=watch, daemon=True).start()
     out = []
     deadline = time.monotonic() + timeout
@@ -93,13 +122,27 @@ def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None
         if on_line is not None:
             on_line(line)
         if interrupt_after is not None and interrupt_after in line:
-            proc.send_signal(send)
+            fault()
             interrupt_after = None
         if time.monotonic() > deadline:
             proc.kill()
             out.append(f"[killed after {timeout:.0f} s]\n")
             break
     return proc.wait(timeout=120), "".join(out)
+
+
+def refused_by_cli(spec: Path, cwd: Path, *args: str) -> tuple[int, str]:
+    """The search CLI's ``main`` run in this process from ``cwd``, for a command it refuses
+    before Ray starts (a subprocess would cost more than the refusal; tests/test_cli.py
+    checks that the module and its ``main`` answer alike). Returns the exit code and stderr."""
+    from tntsearch import run
+
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # as run_cli: the spec says where to log
+        rc = run.main([str(spec), *args])
+    return rc, err.getvalue()
 
 
 def tune_results(experiment_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -159,6 +202,7 @@ def stop_cluster(cluster) -> list[psutil.Process]:
 
 
 DEMO_SEARCH = "demo-search"  # name and MLflow experiment of the session's tiny search
+DEMO_SUPERNET_SEARCH = "demo-supernet-search"  # the same for the session's tiny supernet mode search
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class SearchOutcome:
     parent_run_id: str | None
     interrupted: bool
     tracking_fallback: Path | None = None  # records MLflow did not take, to import (or resume)
+    summary_line: str | None = None  # supernet mode: how many candidates, how fast (the last line printed)
 
 
 def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | None = None):
@@ -63,9 +64,15 @@ def prepare(spec_path: str | Path, *, resume: bool = False, num_samples: int | N
             f"{experiment_path(spec)} already holds a search named {spec.name!r}: pass --resume to continue it, "
             "or change `name` (or `storage`) to start a new one"
         )
+    started = exists
+    if spec.search.mode == "supernet":
+        from tntsearch.supernet.search import supernet_started
+
+        # NOTE: a supernet training without a search yet is continued (or reused) with or without --resume.
+        exists = exists or supernet_started(spec)
     if resume and not exists:
         raise SpecError(f"--resume: no search to resume at {experiment_path(spec)}")
-    if resume:
+    if resume and started:
         saved = saved_num_samples(spec)
         if num_samples is not None and num_samples != saved:
             raise SpecError(
@@ -129,6 +136,10 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
     from tntsearch.search import experiment_path, make_tuner
     from tntsearch.tracking import MlflowTracker
 
+    if spec.search.mode == "supernet":
+        from tntsearch.supernet.search import search_supernet
+
+        return search_supernet(spec, spec_path, resume=resume, screen=screen)
     tracking_uri = check_store(spec)
     exp_dir = experiment_path(spec)
     tracker = MlflowTracker(
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     from tntsearch.search import make_tuner  # noqa: F401 - its libraries set up their loggers before the screen moves them
     from tntsearch.tracking import MlflowTracker  # noqa: F401 - likewise
 
-    screen = SearchScreen(spec.search.num_samples, spec.train.epochs, interval=args.progress_interval)
+    epochs = 1 if spec.search.mode == "supernet" else spec.train.epochs  # a candidate reports once
+    screen = SearchScreen(spec.search.num_samples, epochs, interval=args.progress_interval)
     with screen.showing(log_path(spec), verbose=args.verbose):
         screen.print(_connect(args.address))
         screen.reroute()  # ray.init configures Ray's loggers again
@@ -230,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         screen.stop_live()
         for part in _summary(spec, outcome, screen):
             screen.print(part)
+        if outcome.summary_line:
+            screen.print(outcome.summary_line)
         import ray
 
         ray.shutdown()  # before the screen lets go of stdout: late worker lines go to the log too

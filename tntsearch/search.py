@@ -38,6 +38,7 @@ __all__ = [
     "make_tuner",
     "experiment_path",
     "saved_num_samples",
+    "measure_settings",
 ]
 
 
@@ -147,31 +148,36 @@ def _measure_task(arch: TNTConfig, *, threads: int, device: str, precision: str,
         torch.set_num_threads(before)
 
 
-def _measure_on_trial_device(arch: TNTConfig, spec: SearchSpec) -> dict[str, float]:
-    """``throughput`` and ``latency_ms`` as ``constraints.measure`` says (docs/model_and_cost.md,
-    "Measuring"), by a Ray task holding what one training worker holds -- its CPUs, its GPU --
-    plus ``{resource: 1}`` when a deployment machine class is named, so the figures are taken
-    on the hardware (and thread count) the model trains or will run on."""
+def measure_settings(spec: SearchSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Ray resources, ``_measure_task`` keyword arguments) of a measurement as
+    ``constraints.measure`` says: what one training worker holds, on its device and thread
+    count, and the reference baseline when one is named. Supernet mode measures in the
+    trial's own process with the same arguments (``tntsearch.supernet.search``)."""
     m, r = spec.constraints.measure, spec.resources
     device = m.device or ("cuda" if r.use_gpu else "cpu")
     gpus = (r.gpus_per_worker if r.use_gpu else 1) if device == "cuda" else 0
-    # NOTE: "DEFAULT" keeps the task out of the trial's placement group (which holds only
-    # the trial driver's sliver of CPU), like the Train workers.
-    task = ray.remote(_measure_task).options(
-        num_cpus=r.cpus_per_worker, num_gpus=gpus, resources={m.resource: 1} if m.resource else None,
-        scheduling_strategy="DEFAULT",
-    )
     reference = {}
     if m.reference is not None:
         point = dict(baseline_points(spec))[m.reference.baseline]
         reference = {"reference": arch_from_params(point, spec.space),
                      "reference_speed": (m.reference.throughput, m.reference.latency_ms)}
-    return ray.get(task.remote(
-        arch, threads=max(1, int(r.cpus_per_worker)), device=device,
-        precision=m.precision or spec.train.precision,
-        compile=spec.train.compile if m.compile is None else m.compile,
-        batch_size=m.batch_size, rounds=m.rounds, warmup=m.warmup, **reference,
-    ))
+    resources = {"num_cpus": r.cpus_per_worker, "num_gpus": gpus, "resources": {m.resource: 1} if m.resource else None}
+    kwargs = dict(threads=max(1, int(r.cpus_per_worker)), device=device, precision=m.precision or spec.train.precision,
+                  compile=spec.train.compile if m.compile is None else m.compile,
+                  batch_size=m.batch_size, rounds=m.rounds, warmup=m.warmup, **reference)
+    return resources, kwargs
+
+
+def _measure_on_trial_device(arch: TNTConfig, spec: SearchSpec) -> dict[str, float]:
+    """``throughput`` and ``latency_ms`` as ``constraints.measure`` says (docs/model_and_cost.md,
+    "Measuring"), by a Ray task holding what one training worker holds -- its CPUs, its GPU --
+    plus ``{resource: 1}`` when a deployment machine class is named, so the figures are taken
+    on the hardware (and thread count) the model trains or will run on."""
+    resources, kwargs = measure_settings(spec)
+    # NOTE: "DEFAULT" keeps the task out of the trial's placement group (which holds only
+    # the trial driver's sliver of CPU), like the Train workers.
+    task = ray.remote(_measure_task).options(**resources, scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(arch, **kwargs))
 
 
 def _report_infeasible(spec: SearchSpec, record: dict[str, Any], constraints: dict[str, float]) -> None:
@@ -260,7 +266,12 @@ def make_tuner(spec: SearchSpec, *, callbacks: list | None = None, resume: bool 
                scheduler: tune.schedulers.TrialScheduler | None = None) -> tune.Tuner:
     """A new Tuner for the spec, or, with ``resume``, the interrupted one restored from
     storage: finished trials keep their results, unfinished ones continue from their
-    checkpoints and the searcher keeps its history. ``scheduler`` replaces the spec's."""
+    checkpoints and the searcher keeps its history. ``scheduler`` replaces the spec's.
+    ``search.mode: supernet``: ``tntsearch.supernet.search.make_candidate_tuner``."""
+    if spec.search.mode == "supernet":
+        from tntsearch.supernet.search import make_candidate_tuner
+
+        return make_candidate_tuner(spec, callbacks=callbacks, resume=resume)
     trainable = tune.with_parameters(run_trial, spec=spec, baselines=dict(baseline_points(spec)))
     # NOTE: a trial's driver only waits on its Train workers, which hold the resources. Even
     # a sliver of CPU per driver leaves a 2-CPU machine 1.98 CPUs: one 1-CPU worker at a

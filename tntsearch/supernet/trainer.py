@@ -58,9 +58,10 @@ def format_epoch(metrics: Mapping[str, Any]) -> str:
             f"{metrics['images_per_s']:.1f} img/s  val_top1: {tops}")
 
 
-def _mlflow_run(spec: SearchSpec, name: str):
+def _mlflow_run(spec: SearchSpec, name: str, parent_run_id: str | None = None):
     """The MLflow run of this supernet training: the one tagged with ``name`` (a resumed
-    run logs on), else a new one with the supernet section and the space as params."""
+    run logs on), else a new one with the supernet section and the space as params; nested
+    in ``parent_run_id`` when given (a supernet mode search's parent)."""
     import mlflow
 
     from tntsearch.tracking import prepare_store, resolve_tracking_uri
@@ -71,7 +72,10 @@ def _mlflow_run(spec: SearchSpec, name: str):
                                output_format="list", max_results=1)
     if found:
         return mlflow.start_run(run_id=found[0].info.run_id)
-    run = mlflow.start_run(run_name=f"supernet-{name}", tags={TAG_SUPERNET: name, "tntsearch.role": "supernet"})
+    tags = {TAG_SUPERNET: name, "tntsearch.role": "supernet"}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.start_run(run_name=f"supernet-{name}", tags=tags)
     dumped = spec.model_dump(mode="json")
     mlflow.log_params({f"supernet.{k}": v for k, v in dumped["supernet"].items()})
     mlflow.log_params({"supernet.workers": spec.resources.num_workers, "supernet.batch_size": spec.data.batch_size})
@@ -85,8 +89,15 @@ def run_supernet(
     name: str,
     stop_epoch: int | None = None,
     echo: Callable[[str], None] = print,
+    storage_path: str | os.PathLike | None = None,
+    parent_run_id: str | None = None,
+    run_key: str | None = None,
 ):
     """Train ``spec``'s supernet (or continue the run ``name``); echo and log every epoch.
+
+    ``storage_path`` (default ``spec.storage``) holds the Ray Train run; ``parent_run_id``
+    nests its MLflow run in a search's parent run; ``run_key`` (default ``name``) is the
+    ``tntsearch.supernet_run`` tag that finds that MLflow run again when the training resumes.
 
     Returns the Ray Train ``Result`` (its ``checkpoint`` holds the supernet) and the MLflow
     run id. Needs Ray started (``ray.init``); raises ``ray.train.TrainingFailedError``.
@@ -95,7 +106,8 @@ def run_supernet(
     from ray.util.queue import Empty, Queue
 
     queue = Queue()
-    trainer = make_supernet_trainer(spec, name=name, stop_epoch=stop_epoch, callbacks=[ForwardReports(queue)])
+    trainer = make_supernet_trainer(spec, name=name, stop_epoch=stop_epoch, callbacks=[ForwardReports(queue)],
+                                    storage_path=storage_path)
     outcome: dict[str, Any] = {}
 
     def _fit() -> None:
@@ -104,7 +116,7 @@ def run_supernet(
         except Exception as e:  # handed to the caller below, after the reports already made
             outcome["error"] = e
 
-    with _mlflow_run(spec, name) as run:
+    with _mlflow_run(spec, run_key or name, parent_run_id) as run:
         runner = threading.Thread(target=_fit, daemon=True)
         runner.start()
         while runner.is_alive() or not queue.empty():

@@ -46,7 +46,7 @@ from tntsearch.tracking.schema import (
     trial_error,
 )
 from tntsearch.tracking.store import default_artifact_location, fail_fast_http, sqlite_path
-from tntsearch.tracking.trials import TrialTable
+from tntsearch.tracking.trials import CandidateTable, TrialTable
 
 __all__ = ["MlflowTracker", "publish_front"]
 
@@ -119,6 +119,12 @@ class MlflowTracker(Callback):
         final_retry_s: how long :meth:`close` keeps retrying before writing the fallback.
         http_timeout_s: per-request timeout towards a tracking server.
         max_backoff_s: the longest pause between delivery attempts during an outage.
+        candidates: supernet mode (``trials.CandidateTable``): no child run per trial; every
+            trial is a row of the parent's ``candidates.json``, written at most every
+            ``plot_every_s`` and at the end; when the search finishes, the front's points
+            and the baselines become child runs carrying ``child_tags``, their ``val_*``
+            figures replaced by ``rescore(rows)`` (trial id -> metrics; a picklable callable:
+            Tune saves the tracker with the search).
     """
 
     def __init__(
@@ -138,6 +144,9 @@ class MlflowTracker(Callback):
         final_retry_s: float = 30.0,
         http_timeout_s: int = 10,
         max_backoff_s: float = 60.0,
+        candidates: bool = False,
+        rescore: Any = None,
+        child_tags: Mapping[str, str] | None = None,
     ):
         if not tracking_uri:
             raise ValueError("`tracking_uri` is required; use resolve_tracking_uri(None, workdir) for the embedded store")
@@ -166,7 +175,12 @@ class MlflowTracker(Callback):
             meta={"experiment": experiment, "objectives": [o.to_list() for o in self.objectives]},
             http_timeout_s=http_timeout_s, max_backoff_s=max_backoff_s,
         )
-        self.table = TrialTable(self.objectives, self.epochs, self.outbox.add)
+        self.candidates = bool(candidates)
+        self.rescore = rescore
+        if self.candidates:
+            self.table: TrialTable = CandidateTable(self.objectives, self.epochs, self.outbox.add, child_tags)
+        else:
+            self.table = TrialTable(self.objectives, self.epochs, self.outbox.add)
         self._started = False
         self._closed = False
         self._reconcile = False
@@ -309,7 +323,24 @@ class MlflowTracker(Callback):
             self.table.interrupt()
             self.close(status="KILLED")
         else:
+            if self.candidates:
+                self._finalize_candidates()
             self.close()
+
+    def _finalize_candidates(self) -> None:
+        """Supernet mode, the search finished: rescore the front and the baselines, give them child runs."""
+        table = self.table
+        rows = [r for r in table.front(self.outbox.run_ids)] + [r for r in self.rows() if r["baseline"]]
+        wanted = {r["trial_id"]: r for r in rows if r["status"] in ("completed", "stopped_early")}
+        rescored: dict[str, Any] = {}
+        if self.rescore is not None and wanted:
+            try:
+                rescored = self.rescore(list(wanted.values()))
+            except Exception as e:  # noqa: BLE001 - the records still go out, with the selection data's figures
+                logger.warning("could not score the front on data.val (%s: %s)", type(e).__name__, e)
+        table.finalize(rescored)
+        self._front_dirty = True
+        self._flush()
 
     def close(self, status: str = "FINISHED") -> Path | None:
         """End the parent run, publish the final front, deliver everything (retrying for up
@@ -368,9 +399,21 @@ class MlflowTracker(Callback):
         if self._front_dirty and time.monotonic() - self._last_publish >= self.plot_every_s:
             self._publish_if_possible()
 
+    def _write_candidates(self) -> None:
+        """Supernet mode: the parent's counts and ``candidates.json`` (every candidate once)."""
+        table = self.table
+        self.outbox.add(table.parent_metrics())
+        self.outbox.add({"op": "text", "key": PARENT, "artifact_file": "candidates.json",
+                         "text": json.dumps(table.candidates_table(), default=str)})
+        self.outbox.add({"op": "log", "key": PARENT, "tags": {
+            "mlflow.loggedArtifacts": json.dumps([{"path": "candidates.json", "type": "table"}])}})
+        table.dirty = False
+
     def _publish_if_possible(self, force: bool = False) -> None:
         """Pictures are derived data, not records: they are only drawn when the store is
         reachable (and rebuilt by ``tntsearch.report`` after a fallback import)."""
+        if self.candidates and (self.table.dirty or force):
+            self._write_candidates()
         if not (self._front_dirty or force) or not self._flush(force=force):
             return
         parent = self.parent_run_id

@@ -33,7 +33,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tntsearch.tracking.schema import MAX_TAG_LEN, TAG_ORPHANED, TAG_RUN_KEY, TAG_STATUS, TAG_TRIAL_ID
+from tntsearch.tracking.schema import MAX_TAG_LEN, TAG_ORPHANED, TAG_ROLE, TAG_RUN_KEY, TAG_STATUS, TAG_TRIAL_ID
 from tntsearch.tracking.store import fail_fast_http
 
 __all__ = ["FALLBACK_FORMAT", "PARENT", "RecordReplayer", "Outbox", "search_children", "read_fallback", "is_transient"]
@@ -189,13 +189,14 @@ class RecordReplayer:
 
 def search_children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
     """Every child run of a parent (all pages), but orphans (``tntsearch.orphaned``): runs
-    of trials Tune forgot are no part of the search."""
+    of trials Tune forgot are no part of the search; nor is a supernet mode search's nested
+    supernet training run (``tntsearch.role`` = ``supernet``)."""
     runs, token = [], None
     while True:
         page = client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=1000, page_token=token
         )
-        runs.extend(r for r in page if r.data.tags.get(TAG_ORPHANED) != "true")
+        runs.extend(r for r in page if r.data.tags.get(TAG_ORPHANED) != "true" and r.data.tags.get(TAG_ROLE) != "supernet")
         token = page.token
         if not token:
             return runs

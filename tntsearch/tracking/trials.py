@@ -36,7 +36,7 @@ from tntsearch.tracking.schema import (
     violated,
 )
 
-__all__ = ["TrialTable"]
+__all__ = ["TrialTable", "CandidateTable"]
 
 
 class TrialTable:
@@ -231,3 +231,111 @@ class TrialTable:
                 self.n_finished += 1
         if runs:
             self.update_front()
+
+
+class CandidateTable(TrialTable):
+    """Supernet mode's table (``MlflowTracker(candidates=True)``): candidates are cheap and
+    many, so they get no child run each. Every candidate is a row of ``candidates.json`` on
+    the parent (:meth:`candidates_table`, written periodically); at the end, :meth:`finalize`
+    gives the front's points and the baselines child runs, tagged as a trained search's are,
+    with the figures the search's ``rescore`` measured on ``data.val`` as ``val_*`` and the
+    selection data's scores as ``search_*``. Until then only the parent's records pass."""
+
+    def __init__(self, objectives: Any, epochs: int, emit: Callable[[dict[str, Any]], None],
+                 child_tags: Mapping[str, str] | None = None):
+        self._out = emit
+        self.child_tags = dict(child_tags or {})
+        self.frozen = False  # finalize() ran: the front is the tagged one
+        self.dirty = False  # a candidate finished since the last candidates.json
+        super().__init__(objectives, epochs, self._filtered)
+
+    def _filtered(self, rec: dict[str, Any]) -> None:
+        key = rec.get("key")
+        if key is None or key == PARENT or self.trials.get(key.removeprefix("trial:"), {}).get("promoted"):
+            self._out(rec)
+
+    def update_front(self) -> None:
+        """Per candidate nothing is logged (the tracker writes the table and the parent's
+        counts now and then: :meth:`parent_metrics`)."""
+        self.dirty = True
+
+    def front(self, run_ids: Mapping[str, str]) -> list[dict[str, Any]]:
+        if not self.frozen:
+            return super().front(run_ids)
+        return [r for r in self.rows(run_ids) if r["pareto"]]
+
+    def summary(self) -> dict[str, Any]:
+        if not self.frozen:
+            return super().summary()
+        rows = self.rows({})
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        front = [r for r in rows if r["pareto"]]
+        return {**counts, "front": len(front), "hypervolume": pareto.front_hypervolume(front, self.objectives)}
+
+    def parent_metrics(self) -> dict[str, Any]:
+        """The parent's hypervolume, front size and counts, step = finished candidates."""
+        s = self.summary()
+        now, step = now_ms(), self.n_finished
+        metrics = [["hypervolume", s["hypervolume"], step, now], ["front_size", float(s["front"]), step, now]]
+        metrics += [[f"trials_{k}", float(s[k]), step, now] for k in STATUSES]
+        return {"op": "log", "key": PARENT, "metrics": metrics}
+
+    COLUMNS = ("trial_id", "status", "baseline", "pareto", "arch", "params", "macs", "throughput", "latency_ms",
+               "search_top1", "search_top5", "search_loss", "val_top1", "violation", "infeasible_reason")
+
+    def candidates_table(self) -> dict[str, Any]:
+        """Every candidate, once (by trial id), as ``mlflow.log_table`` stores a table
+        (pandas' ``split`` orientation): ``{"columns": [...], "data": [[...], ...]}``.
+        ``search_*`` are the selection data's scores; ``val_top1`` only where :meth:`finalize`
+        measured it."""
+        data = []
+        for tid, st in self.trials.items():
+            m = st["metrics"]
+            search = {k: m.get("search_" + k, m.get("val_" + k) if not st.get("rescored") else None)
+                      for k in ("top1", "top5", "loss")}
+            row = {"trial_id": tid, "status": st["status"], "baseline": st.get("baseline", ""),
+                   "pareto": bool(st.get("pareto")), "arch": json.dumps(st.get("arch") or {}, sort_keys=True),
+                   **{k: m.get(k) for k in ("params", "macs", "throughput", "latency_ms", "violation")},
+                   **{f"search_{k}": v for k, v in search.items()},
+                   "val_top1": m.get("val_top1") if st.get("rescored") else None,
+                   "infeasible_reason": st.get("infeasible_reason") or st.get("reason", "")}
+            data.append([row[c] for c in self.COLUMNS])
+        return {"columns": list(self.COLUMNS), "data": data}
+
+    def finalize(self, rescored: Mapping[str, Mapping[str, float]]) -> None:
+        """The search is over: the front (on the selection data's scores) and the baselines
+        get child runs; ``rescored`` (trial id -> ``val_top1``/``val_top5``/``val_loss`` on
+        ``data.val``) replaces their ``val_*`` figures, the selection data's go to ``search_*``."""
+        rows = front_rows(self.rows({}))
+        mask = pareto.front_mask(rows, self.objectives)
+        on = {r["trial_id"] for r, m in zip(rows, mask) if m}
+        for tid, st in self.trials.items():
+            if st.get("promoted") or not (tid in on or st.get("baseline")):
+                continue
+            m = st["metrics"]
+            if tid in rescored:
+                for k in ("top1", "top5", "loss"):
+                    if f"val_{k}" in m:
+                        m[f"search_{k}"] = m[f"val_{k}"]
+                m.update({k: float(v) for k, v in rescored[tid].items()})
+                m["best_val_top1"] = m["val_top1"]  # one evaluation: no best-over-epochs
+                st["rescored"] = True
+            st["pareto"] = tid in on
+            self._promote(tid, st)
+        self.frozen = True
+        self._out(self.parent_metrics())
+
+    def _promote(self, tid: str, st: dict[str, Any]) -> None:
+        st["promoted"] = True
+        now, step = now_ms(), int(st.get("epoch", 0))
+        arch = st.get("arch") or {}
+        tags = {TAG_ROLE: "trial", TAG_TRIAL_ID: tid, TAG_STATUS: st["status"], TAG_PARETO: "true" if st["pareto"] else "false",
+                TAG_BASELINE: st.get("baseline", ""), TAG_ARCH: json.dumps(arch, default=str), **self.child_tags}
+        reason = st.get("infeasible_reason") or st.get("reason")
+        if reason:
+            tags[TAG_INFEASIBLE if st["status"] == "infeasible" else TAG_REASON] = reason[:MAX_TAG_LEN]
+        self.emit({"op": "start", "key": st["key"], "parent": PARENT, "name": st["name"], "time": now, "tags": tags})
+        metrics = [[k, float(v), 0 if k in COST_METRICS or k.startswith(CONSTRAINT_PREFIX) else step, now]
+                   for k, v in st["metrics"].items() if finite(v) is not None]
+        self.emit({"op": "log", "key": st["key"], "metrics": metrics, "params": arch_params(arch), "tags": {}})
+        self.emit({"op": "end", "key": st["key"], "status": "FAILED" if st["status"] == "failed" else "FINISHED", "time": now})

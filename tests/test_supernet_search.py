@@ -1,0 +1,158 @@
+"""Supernet mode end to end through the real CLI (the session's ``demo_supernet_search``: real
+Ray Tune, Optuna, Ray Train, FFCV and MLflow), and a supernet mode search interrupted with
+SIGINT and resumed."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from search_utils import mlflow_runs, non_dominated, run_cli, supernet_spec, tune_results
+
+from tntsearch.model import TNTConfig
+from tntsearch.tracking import TAG_ARCH, TAG_CHECKPOINT_URI, TAG_PARETO, TAG_ROLE, TAG_STATUS, TAG_WEIGHTS
+
+pytestmark = pytest.mark.slow
+
+MAX_MACS = 3.0e6
+
+
+def _table(search) -> list[dict]:
+    """The parent's candidates.json, as rows."""
+    client = mlflow.MlflowClient(search.tracking_uri)
+    path = client.download_artifacts(search.parent_run_id, "candidates.json")
+    table = json.loads(Path(path).read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def _children(search):
+    _, children = mlflow_runs(search.tracking_uri, search.spec.experiment)
+    return [c for c in children if c.data.tags.get(TAG_ROLE) == "trial"]
+
+
+def test_summary_line_counts_every_candidate(demo_supernet_search):
+    s = demo_supernet_search
+    last = [ln for ln in s.output.splitlines() if ln.strip()][-1]
+    m = re.search(rf"search '{s.spec.name}': (\d+) candidates evaluated \((\d+) scored .*, (\d+) infeasible", last)
+    assert m, last
+    assert int(m[1]) == s.spec.search.num_samples == len(s.results)
+    assert int(m[3]) == len(s.infeasible()) >= 1  # tiny_tnt at least
+    assert "candidates/min" in last and "overhead" in last
+
+
+def test_every_candidate_once_in_the_table(demo_supernet_search):
+    s = demo_supernet_search
+    rows = _table(s)
+    ids = [r["trial_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == s.spec.search.num_samples
+    assert set(ids) == set(s.results)
+    for r in rows:
+        last = s.last(r["trial_id"])
+        assert json.loads(r["arch"]) == last["arch"]
+        assert r["macs"] == pytest.approx(last["macs"])
+        if r["status"] == "completed":
+            assert r["search_top1"] == pytest.approx(last["search_top1"])
+
+
+def test_infeasible_candidates_are_never_scored(demo_supernet_search):
+    s = demo_supernet_search
+    assert s.infeasible()
+    rows = {r["trial_id"]: r for r in _table(s)}
+    for tid in s.infeasible():
+        (only,) = s.reported(tid)  # one report, epoch 0
+        assert only["epoch"] == 0 and only["macs"] > MAX_MACS
+        assert "eval_time_s" not in only and "search_top1" not in only
+        assert rows[tid]["status"] == "infeasible" and rows[tid]["search_top1"] is None
+    for tid in s.trained():
+        (only,) = s.reported(tid)
+        assert only["epoch"] == 1 and only["macs"] <= MAX_MACS and 0 <= only["search_top1"] <= 100
+
+
+def test_front_is_non_dominated_and_feasible(demo_supernet_search):
+    """The front the children carry is the non-dominated set of every scored candidate on the
+    selection data's top-1 and MACs (brute force over the Tune results)."""
+    s = demo_supernet_search
+    front = [c for c in _children(s) if c.data.tags[TAG_PARETO] == "true"]
+    assert front
+    scored = {tid: (s.last(tid)["search_top1"], s.last(tid)["macs"]) for tid in s.trained()}
+    expected = {json.dumps(s.last(t)["arch"], sort_keys=True) for t in non_dominated(scored)}
+    got = {json.dumps(json.loads(c.data.tags[TAG_ARCH]), sort_keys=True) for c in front}
+    assert got == expected
+    for c in front:
+        assert c.data.metrics["feasible"] == 1 and c.data.metrics["macs"] <= MAX_MACS
+
+
+def test_children_carry_the_export_interface(demo_supernet_search):
+    """Front points and baselines are child runs with the architecture, the supernet's
+    checkpoint, weights=supernet, val_top1 on data.val and search_top1 on the held-out slice;
+    val_top1 is what the extracted model scores on data.val (tntsearch.train.evaluate with
+    make_loaders' val loader)."""
+    import torch
+
+    from tntsearch.data import make_loaders
+    from tntsearch.supernet import Supernet
+    from tntsearch.train import evaluate, load_state
+
+    s = demo_supernet_search
+    children = _children(s)
+    assert {"tiny_vit", "tiny_tnt"} <= {c.data.tags.get("baseline") for c in children}
+    checkpoints = {c.data.tags[TAG_CHECKPOINT_URI] for c in children}
+    assert len(checkpoints) == 1 and Path(next(iter(checkpoints))).is_dir()
+    for c in children:
+        assert c.data.tags[TAG_WEIGHTS] == "supernet"
+        TNTConfig.from_dict(json.loads(c.data.tags[TAG_ARCH]))
+        if c.data.tags[TAG_STATUS] == "completed":
+            assert {"val_top1", "search_top1", "macs", "throughput"} <= set(c.data.metrics)
+    point = next(c for c in children if c.data.tags[TAG_PARETO] == "true")
+    net = Supernet(s.spec.space)
+    net.load_state_dict(load_state(next(iter(checkpoints)))["model"])
+    _, val = make_loaders(s.spec.data, 32, device="cpu")
+    arch = TNTConfig.from_dict(json.loads(point.data.tags[TAG_ARCH]))
+    _, top1, _ = evaluate(net.extract(arch), val, torch.device("cpu"), None, 10)
+    assert point.data.metrics["val_top1"] == pytest.approx(top1, abs=1e-6)
+
+
+def test_supernet_training_is_a_nested_run_with_curves(demo_supernet_search):
+    s = demo_supernet_search
+    _, children = mlflow_runs(s.tracking_uri, s.spec.experiment)
+    (run,) = [c for c in children if c.data.tags.get(TAG_ROLE) == "supernet"]
+    assert run.data.tags["mlflow.parentRunId"] == s.parent_run_id
+    history = mlflow.MlflowClient(s.tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, s.spec.supernet.epochs + 1))
+
+
+@pytest.mark.timeout(300)
+def test_resume_neither_loses_nor_repeats_a_candidate(demo_supernet_search, digits, tmp_path):
+    """SIGINT once 8 candidates have reported, then --resume: every candidate is in the table
+    once, and only those Tune had not yet recorded as finished at its last snapshot run again.
+    The session search's finished supernet is copied in and reused (no training here)."""
+    s = demo_supernet_search
+    n = 24
+    spec = supernet_spec(tmp_path, digits, "resumed", num_samples=n, supernet_epochs=s.spec.supernet.epochs,
+                         constraints={"max_macs": MAX_MACS}, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    src = Path(s.spec.storage, s.spec.name, "supernet", "tntsearch-supernet.json")
+    dst = tmp_path / "ray_results" / "resumed" / "supernet"
+    dst.mkdir(parents=True)
+    shutil.copy(src, dst)
+    exp = tmp_path / "ray_results" / "resumed"
+    rc1, out1 = run_cli(spec, tmp_path, interrupt_when=lambda: len(list(exp.glob("run_trial_*/result.json"))) >= 8)
+    assert rc1 == 130, out1[-3000:]
+    assert "reusing the finished training" in out1
+    first = {t: len(rows) for t, rows in tune_results(exp).items()}
+    rc2, out2 = run_cli(spec, tmp_path, "--resume")
+    assert rc2 == 0, out2[-3000:]
+    assert f"search 'resumed': {n} candidates evaluated" in out2
+    results = tune_results(exp)
+    assert len(results) == n
+    repeated = [t for t, rows in results.items() if len(rows) > 1]
+    # Tune saves its state on SIGINT: only the candidates in flight then (max_concurrent) run again.
+    assert len(repeated) <= 2, repeated
+    assert set(first) <= set(results)
+    (parent,), _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resumed")
+    table = json.loads(Path(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
+        parent.info.run_id, "candidates.json")).read_text())
+    ids = [row[table["columns"].index("trial_id")] for row in table["data"]]
+    assert sorted(ids) == sorted(results)
