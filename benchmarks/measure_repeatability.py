@@ -2,18 +2,24 @@
 
 A short demo search runs (one trial at a time, each Train worker holding one of Ray's two
 CPUs); while it trains, one architecture (the demo's ``tiny_tnt`` baseline) is measured
-``--measurements`` times exactly as a trial measures it (``search._measure_on_trial_device``:
-a Ray task holding a worker's CPU), with the demo's ``tiny_vit`` baseline as the reference
-timed in between (A B A B). Its quiet figures are measured first, before the search starts.
-Prints every measurement and the spread max/min - 1 of the raw and the corrected figures
-(docs/model_and_cost.md, "Measuring"; target: corrected throughput within 10%).
+``--measurements`` times in a Ray task holding a worker's CPU, as a trial measures it
+(``cost.measure_speed``'s pieces: ``speed_steps``, warm-up, ``timed_rounds``), with the
+demo's ``tiny_vit`` baseline as the reference timed in between (A B A B). Each measurement
+is taken twice, back to back in alternating order: *alone* (``exclusive.measuring``: the
+trial's training steps wait meanwhile, as in a search) and *shared* (training goes on, as
+before). From the same rounds it prints the candidate's figures three ways -- the median
+round, the fastest round (the least disturbed: timeit's reasoning) and the median paired
+ratio to the reference times the reference's quiet figure -- and the spread max/min - 1 of
+each (docs/model_and_cost.md, "Measuring"; target: within 10%).
 
     python benchmarks/measure_repeatability.py [--measurements 5] [--trials 3] [--epochs 5]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -21,18 +27,22 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 import yaml
 
+from tntsearch.cost import _MIN_UNIT_S, speed_steps, timed_rounds
 from tntsearch.data import convert
-from tntsearch.search import _measure_on_trial_device, make_tuner
+from tntsearch.exclusive import measuring
+from tntsearch.search import make_tuner
 from tntsearch.space import arch_from_params, baseline_points
 from tntsearch.spec import SearchSpec
 from tntsearch.tracking import TELEMETRY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
+STATS = ("median", "fastest", "corrected")
 
 
-def demo_spec(work: Path, trials: int, epochs: int, reference: dict | None) -> SearchSpec:
+def demo_spec(work: Path, trials: int, epochs: int) -> SearchSpec:
     """The demo, shrunk to ``trials`` trials of ``epochs`` epochs, one at a time, on the
     digits written into ``work``; no throughput floor (it would stop trials training)."""
     raw = yaml.safe_load((ROOT / "search_spaces" / "demo.yaml").read_text())
@@ -41,9 +51,32 @@ def demo_spec(work: Path, trials: int, epochs: int, reference: dict | None) -> S
     raw["train"].update(epochs=epochs)
     raw["search"].update(num_samples=trials, max_concurrent=1)
     raw["constraints"].update(min_throughput=None)
-    if reference:
-        raw["constraints"]["measure"]["reference"] = reference
     return SearchSpec.model_validate(raw)
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="DEFAULT")
+def timed(candidate, reference, batch_size: int, rounds: int, warmup: int, alone: bool) -> dict[str, list[float]]:
+    """Seconds per call of candidate and reference, batch and one image, over the rounds
+    (fp32: the demo's ``auto`` precision on CPU), on one thread as the trial's worker."""
+    torch.set_num_threads(1)
+    steps = speed_steps(candidate, "cpu", batch_size, reference=reference)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    with measuring("cpu") if alone else contextlib.nullcontext():
+        return timed_rounds(steps, "cpu", 0, rounds, min_time_s=_MIN_UNIT_S)
+
+
+def figures(times: dict[str, list[float]], batch_size: int, quiet: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """(images/s, ms) of the candidate by each of ``STATS``."""
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+    return {
+        "median": (batch_size / statistics.median(times["candidate batch"]), 1e3 * statistics.median(times["candidate one"])),
+        "fastest": (batch_size / min(times["candidate batch"]), 1e3 * min(times["candidate one"])),
+        "corrected": (quiet["throughput"] * ratio("reference batch", "candidate batch"),
+                      quiet["latency_ms"] * ratio("candidate one", "reference one")),
+    }
 
 
 def spread(values: list[float]) -> float:
@@ -63,30 +96,41 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("train", "val"):
             convert("digits", work / f"{split}.beton", split=split, num_workers=1)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": TELEMETRY_ENV})
-        quiet = demo_spec(work, args.trials, args.epochs, None)
-        points = dict(baseline_points(quiet))
-        candidate, ref_arch = (arch_from_params(points[n], quiet.space) for n in ("tiny_tnt", "tiny_vit"))
-        ref = _measure_on_trial_device(ref_arch, quiet)
-        print(f"reference tiny_vit, quiet: {ref['throughput']:.0f} images/s, {ref['latency_ms']:.2f} ms "
-              f"(load average {os.getloadavg()[0]:.2f})", flush=True)
-        spec = demo_spec(work, args.trials, args.epochs,
-                         {"baseline": "tiny_vit", "throughput": ref["throughput"], "latency_ms": ref["latency_ms"]})
+        spec = demo_spec(work, args.trials, args.epochs)
+        m = spec.constraints.measure
+        points = dict(baseline_points(spec))
+        candidate, reference = (arch_from_params(points[n], spec.space) for n in ("tiny_tnt", "tiny_vit"))
+        print(f"tiny_tnt against tiny_vit, batch {m.batch_size}, {m.rounds} rounds, warm-up {m.warmup}", flush=True)
+
+        def measure(alone: bool) -> dict[str, list[float]]:
+            return ray.get(timed.remote(candidate, reference, m.batch_size, m.rounds, m.warmup, alone))
+
+        q = measure(True)
+        quiet = {"throughput": m.batch_size / statistics.median(q["reference batch"]),
+                 "latency_ms": 1e3 * statistics.median(q["reference one"])}
+        f = figures(q, m.batch_size, quiet)
+        print(f"quiet: tiny_vit {quiet['throughput']:.0f} images/s {quiet['latency_ms']:.2f} ms; tiny_tnt "
+              + "  ".join(f"{s} {f[s][0]:.0f} images/s {f[s][1]:.2f} ms" for s in STATS[:2])
+              + f" (load average {os.getloadavg()[0]:.2f})", flush=True)
         search = threading.Thread(target=lambda: make_tuner(spec).fit(), daemon=True)
         search.start()
         while ray.available_resources().get("CPU", 2) > 1 and search.is_alive():  # until a trial trains
             time.sleep(0.5)
-        rows = []
+        rows: dict[str, list[dict[str, tuple[float, float]]]] = {"alone": [], "shared": []}
+        print("images/s and ms of tiny_tnt by " + ", ".join(STATS), flush=True)
         for i in range(args.measurements):
-            training = ray.available_resources().get("CPU", 2) <= 1
-            rows.append(_measure_on_trial_device(candidate, spec))
-            r = rows[-1]
-            print(f"{i + 1}: throughput raw {r['throughput_raw']:7.0f}  corrected {r['throughput']:7.0f} images/s; "
-                  f"latency raw {r['latency_ms_raw']:6.2f}  corrected {r['latency_ms']:6.2f} ms; "
-                  f"a trial training: {'yes' if training else 'no'}; load average {os.getloadavg()[0]:.2f}", flush=True)
+            for kind in ("alone", "shared") if i % 2 == 0 else ("shared", "alone"):
+                training = ray.available_resources().get("CPU", 2) <= 1
+                f = figures(measure(kind == "alone"), m.batch_size, quiet)
+                rows[kind].append(f)
+                print(f"{i + 1} {kind:6}: " + "  ".join(f"{s} {f[s][0]:5.0f} {f[s][1]:5.2f}" for s in STATS)
+                      + f"; a trial training: {'yes' if training else 'no'}; load average {os.getloadavg()[0]:.2f}",
+                      flush=True)
             time.sleep(args.pause)
-        for key in ("throughput", "latency_ms"):
-            print(f"{key}: max/min - 1 raw {spread([r[key + '_raw'] for r in rows]):.1%}, "
-                  f"corrected {spread([r[key] for r in rows]):.1%}")
+        print("max/min - 1 over the measurements (throughput / latency):")
+        for kind, fs in rows.items():
+            print(f"  {kind:6}: " + "  ".join(
+                f"{s} {spread([f[s][0] for f in fs]):6.1%} / {spread([f[s][1] for f in fs]):6.1%}" for s in STATS))
         search.join()
         ray.shutdown()
     return 0

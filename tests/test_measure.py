@@ -1,9 +1,12 @@
-"""Measurement as a search takes it (``constraints.measure``): the load correction against a
-reference, the spec section, and a real trial in a real Ray measuring at its training
-precision, holding a worker's CPUs and the named deployment resource."""
+"""Measurement as a search takes it (``constraints.measure``): the machine's CPUs to itself
+(training steps yield), the load correction against a reference, the spec section, and a
+real trial in a real Ray measuring at its training precision, holding a worker's CPUs and
+the named deployment resource."""
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import threading
 import time
 
@@ -13,10 +16,12 @@ import torch
 import yaml
 
 from search_utils import ROOT
+from tntsearch import exclusive
 from tntsearch.cost import measure_speed, measure_throughput
 from tntsearch.search import _measure_on_trial_device, constraint_values, make_tuner
 from tntsearch.space import arch_from_params, baseline_points
-from tntsearch.spec import SearchSpec, SpecError, load_spec
+from tntsearch.spec import SearchSpec, SpecError, TrainSpec, load_spec
+from tntsearch.train import Training, evaluate, make_loss, make_optimizer, make_schedule, train_epoch
 
 
 class _Sleeper(torch.nn.Module):
@@ -30,6 +35,89 @@ class _Sleeper(torch.nn.Module):
     def forward(self, x):
         time.sleep(self.seconds)
         return self.head(x.new_zeros(len(x), 1))
+
+
+def _gate_closed() -> bool:
+    """Whether a measurement holds (or waits at) the gate: a shared lock cannot be had."""
+    fd = os.open(exclusive._path("gate"), os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_measurement_waits_for_the_running_step_and_no_step_starts_meanwhile():
+    log, lock = [], threading.Lock()
+    go = {name: threading.Event() for name in ("step1 in", "step1 out", "measure in", "measure out")}
+
+    def note(event: str) -> None:
+        with lock:
+            log.append(event)
+        if event in go:
+            go[event].set()
+
+    def step(name: str, release: threading.Event | None = None) -> None:
+        with exclusive.training_step("cpu"):
+            note(f"{name} in")
+            if release:
+                release.wait(10)
+            note(f"{name} out")
+
+    def measure(release: threading.Event) -> None:
+        with exclusive.measuring("cpu"):
+            note("measure in")
+            release.wait(10)
+            note("measure out")
+
+    release1, release_m = threading.Event(), threading.Event()
+    threads = [threading.Thread(target=step, args=("step1", release1))]
+    threads[0].start()
+    go["step1 in"].wait(10)
+    threads.append(threading.Thread(target=measure, args=(release_m,)))
+    threads[1].start()
+    while not _gate_closed():  # the measurement has asked
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=step, args=("step2",)))
+    threads[2].start()
+    with exclusive.measuring("cuda"), exclusive.training_step("cuda"):  # a GPU is Ray's to hold: no wait
+        note("gpu")
+    time.sleep(0.2)
+    assert log == ["step1 in", "gpu"]  # the measurement waits for step 1; step 2 waits at the gate
+    release1.set()
+    go["measure in"].wait(10)
+    time.sleep(0.2)
+    assert log == ["step1 in", "gpu", "step1 out", "measure in"]  # step 2 still waits
+    release_m.set()
+    for t in threads:
+        t.join(10)
+    assert log == ["step1 in", "gpu", "step1 out", "measure in", "measure out", "step2 in", "step2 out"]
+
+
+def test_training_and_validation_steps_wait_while_a_measurement_holds_the_cpus():
+    spec = SearchSpec.model_validate(_raw_demo())
+    torch.manual_seed(0)
+    from tntsearch.model import create_model
+    net = create_model(arch_from_params(dict(baseline_points(spec))["tiny_vit"], spec.space))
+    recipe = TrainSpec(epochs=1, warmup_epochs=0)
+    batches = [(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))] * 2
+    optimizer = make_optimizer(net, recipe, 4)
+    t = Training(model=net, net=net, optimizer=optimizer, scheduler=make_schedule(optimizer, recipe, 2),
+                 scaler=torch.amp.GradScaler("cpu", enabled=False), loss_fn=make_loss(recipe),
+                 device=torch.device("cpu"), amp=None, clip_grad=None, global_batch=4, oom_context="")
+    out = {}
+    for name, run in (("train", lambda: train_epoch(t, batches, 1)),
+                      ("val", lambda: evaluate(net, batches, torch.device("cpu"), None, 10))):
+        with exclusive.measuring("cpu"):
+            worker = threading.Thread(target=lambda: out.update({name: run()}))
+            worker.start()
+            worker.join(0.5)  # a step of this model takes milliseconds
+            assert worker.is_alive() and name not in out, name
+        worker.join(30)
+        assert name in out
+    assert out["train"]["seen"] == 8 and out["val"][0] > 0
 
 
 def test_reference_correction_follows_the_documented_formula():

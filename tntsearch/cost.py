@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from tntsearch.exclusive import measuring
 from tntsearch.model import PRESETS, TNTConfig, create_model, get_config, parse_overrides
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "time_step",
     "timed_rounds",
     "measure_throughput",
+    "speed_steps",
+    "speed_figures",
     "measure_speed",
     "cost_report",
     "main",
@@ -304,40 +307,31 @@ def measure_throughput(cfg: TNTConfig | str | nn.Module, device: str | torch.dev
     return batch_size / statistics.median(times)
 
 
-def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
-                  precision: str = "fp32", compile: bool = False, rounds: int = 5, warmup: int = 2,
-                  img_size: int | None = None, reference: TNTConfig | str | nn.Module | None = None,
-                  reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
-    """Inference ``throughput`` (images/s at ``batch_size``) and ``latency_ms`` (one image),
-    each the median over ``rounds`` interleaved rounds of at least 50 ms per step
-    (:func:`timed_rounds`; docs/model_and_cost.md, "Measuring in a search").
-
-    With a ``reference`` model and its ``reference_speed`` = (images/s, ms) measured on the
-    same device when it was quiet, every round times candidate and reference back to back
-    (A B A B) and the figures are corrected for load by the median paired ratio::
-
-        throughput = reference images/s * median(t_reference / t_candidate)
-        latency_ms = reference ms       * median(l_candidate / l_reference)
-
-    The uncorrected medians come back as ``throughput_raw`` / ``latency_ms_raw`` and the
-    reference's own as ``reference_throughput_raw`` / ``reference_latency_ms_raw``.
-    """
-    if (reference is None) != (reference_speed is None):
-        raise ValueError("reference and reference_speed go together")
+def speed_steps(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
+                precision: str = "fp32", compile: bool = False, img_size: int | None = None,
+                reference: TNTConfig | str | nn.Module | None = None) -> dict[str, Callable[[], None]]:
+    """The inference steps :func:`measure_speed` times: ``candidate batch`` (``batch_size``
+    images) and ``candidate one`` (one image), and the same for a ``reference`` model."""
     _check_step_args("inference", precision, batch_size)
-    device = _device(device)
     models = {"candidate": _model(cfg, img_size)}
     if reference is not None:
         models["reference"] = _model(reference, img_size)
     steps: dict[str, Callable[[], None]] = {}
     for name, (model, size, classes) in models.items():
-        steps[f"{name} batch"] = make_step(model, device, batch_size, size, "inference", precision, classes,
-                                           compile=compile)
-        steps[f"{name} one"] = make_step(model, device, 1, size, "inference", precision, classes, compile=compile)
-    times = timed_rounds(steps, device, warmup, rounds, min_time_s=_MIN_UNIT_S)
+        for unit, batch in (("batch", batch_size), ("one", 1)):
+            steps[f"{name} {unit}"] = make_step(model, device, batch, size, "inference", precision, classes,
+                                                compile=compile)
+    return steps
+
+
+def speed_figures(times: Mapping[str, Sequence[float]], batch_size: int,
+                  reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
+    """``throughput`` and ``latency_ms`` from the seconds per call of :func:`speed_steps`'
+    steps over the rounds: the median round of each, or, with ``reference_speed``, the
+    reference's quiet figures times the median paired ratio (the raw figures beside them)."""
     out = {"throughput": batch_size / statistics.median(times["candidate batch"]),
            "latency_ms": 1e3 * statistics.median(times["candidate one"])}
-    if reference is None:
+    if reference_speed is None:
         return out
     ref_throughput, ref_latency_ms = reference_speed
     return {
@@ -350,6 +344,41 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
         "reference_throughput_raw": batch_size / statistics.median(times["reference batch"]),
         "reference_latency_ms_raw": 1e3 * statistics.median(times["reference one"]),
     }
+
+
+def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
+                  precision: str = "fp32", compile: bool = False, rounds: int = 5, warmup: int = 2,
+                  img_size: int | None = None, reference: TNTConfig | str | nn.Module | None = None,
+                  reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
+    """Inference ``throughput`` (images/s at ``batch_size``) and ``latency_ms`` (one image)
+    over ``rounds`` interleaved rounds of at least 50 ms per step (:func:`timed_rounds`;
+    docs/model_and_cost.md, "Measuring in a search").
+
+    The warm-up (compilation included) runs first; the rounds run with the machine's CPUs to
+    themselves when ``device`` is a CPU (:func:`tntsearch.exclusive.measuring`: training
+    steps on this machine wait meanwhile).
+
+    With a ``reference`` model and its ``reference_speed`` = (images/s, ms) measured on the
+    same device when it was quiet, every round times candidate and reference back to back
+    (A B A B) and the figures are corrected for load by the median paired ratio::
+
+        throughput = reference images/s * median(t_reference / t_candidate)
+        latency_ms = reference ms       * median(l_candidate / l_reference)
+
+    The uncorrected figures come back as ``throughput_raw`` / ``latency_ms_raw`` and the
+    reference's own as ``reference_throughput_raw`` / ``reference_latency_ms_raw``.
+    """
+    if (reference is None) != (reference_speed is None):
+        raise ValueError("reference and reference_speed go together")
+    _check_counts(warmup=(warmup, 0), rounds=(rounds, 1))
+    device = _device(device)
+    steps = speed_steps(cfg, device, batch_size, precision, compile, img_size, reference)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    with measuring(device):
+        times = timed_rounds(steps, device, 0, rounds, min_time_s=_MIN_UNIT_S)
+    return speed_figures(times, batch_size, reference_speed)
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tntsearch.exclusive import training_step
 from tntsearch.model import TNTConfig, create_model, get_config
 from tntsearch.spec import DataSpec, TrainSpec
 
@@ -203,7 +204,8 @@ def train_epoch(t: Training, loader, epoch: int) -> dict[str, Any]:
     Non-finite losses are flagged on the device and the flag is read every
     ``NONFINITE_CHECK_STEPS`` steps and at the end, so the host does not wait for the
     device every step; the error names the first bad step, and an epoch with one never
-    reaches :func:`report_epoch`, so the last checkpoint stays good.
+    reaches :func:`report_epoch`, so the last checkpoint stays good. On CPU a step waits
+    while a measurement has the machine's CPUs (:func:`tntsearch.exclusive.training_step`).
     """
     device = t.device
     steps = len(loader)
@@ -220,16 +222,17 @@ def train_epoch(t: Training, loader, epoch: int) -> dict[str, Any]:
         t.scheduler.step_update(num_updates=(epoch - 1) * steps + step - 1)
         lrs.append(t.optimizer.param_groups[0]["lr"])
         try:
-            with t.autocast():
-                logits = t.model(images)
-            loss = t.loss_fn(logits.float(), targets)
-            t.optimizer.zero_grad(set_to_none=True)
-            t.scaler.scale(loss).backward()
-            if t.clip_grad is not None:
-                t.scaler.unscale_(t.optimizer)
-                nn.utils.clip_grad_norm_(t.net.parameters(), t.clip_grad)
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
+            with training_step(device):
+                with t.autocast():
+                    logits = t.model(images)
+                loss = t.loss_fn(logits.float(), targets)
+                t.optimizer.zero_grad(set_to_none=True)
+                t.scaler.scale(loss).backward()
+                if t.clip_grad is not None:
+                    t.scaler.unscale_(t.optimizer)
+                    nn.utils.clip_grad_norm_(t.net.parameters(), t.clip_grad)
+                t.scaler.step(t.optimizer)
+                t.scaler.update()
         except torch.OutOfMemoryError as e:
             raise t.oom(e, f"training (epoch {epoch} step {step})") from e
         loss = loss.detach()
@@ -262,7 +265,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: torch.dtype | 
     # thread afterwards.
     with torch.no_grad():
         for images, labels in loader:
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+            with training_step(device), torch.autocast(device.type, dtype=amp) if amp else nullcontext():
                 logits = model(images)
             logits = logits.float()
             hits = logits.topk(k5, dim=1).indices == labels[:, None]
