@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from tntsearch.tracking import TELEMETRY_ENV  # noqa: E402  (first: MLflow telem
 __all__ = ["compare", "main"]
 
 SCHEDULERS = ("none", "asha", "moasha")
+EXPERIMENT = "early-stopping"
 
 
 def _digits(work: Path) -> tuple[Path, Path]:
@@ -63,7 +65,7 @@ def _spec(work: Path, data: tuple[Path, Path], scheduler: str, seed: int, args: 
     raw["search"].update(algorithm=args.algorithm, seed=seed, num_samples=args.samples, scheduler={
         "type": scheduler, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor})
     raw["constraints"]["min_throughput"] = None
-    raw["mlflow"]["experiment"] = "early-stopping"
+    raw["mlflow"]["experiment"] = EXPERIMENT
     raw["storage"] = str(work / "ray_results")
     path = work / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -79,9 +81,40 @@ def _label(arch: dict[str, Any]) -> str:
     return f"c{arch.get('inner_dim')}/m{arch.get('words')}/h{arch.get('inner_heads')}/se:{arch.get('se')}/tnt:{blocks}"
 
 
+def _finished(name: str) -> dict[str, Any] | None:
+    """The finished search ``name`` as its MLflow parent and children hold it (the store in
+    the working directory): wall time (the parent run's start to end), hypervolume, counts,
+    the front's and the stopped trials' architectures. None if it has not finished."""
+    from mlflow.tracking import MlflowClient
+
+    from tntsearch.report import load_search
+    from tntsearch.tracking import TAG_ROLE
+
+    client = MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], filter_string=(
+        f"tags.`{TAG_ROLE}` = 'search' and attributes.run_name = '{name}' and attributes.status = 'FINISHED'"))
+    if not runs:
+        return None
+    parent = runs[0]
+    rows = load_search(client=client, run_id=parent.info.run_id).rows
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("completed", "stopped_early", "infeasible", "failed")}
+    return {
+        "wall_s": (parent.info.end_time - parent.info.start_time) / 1000,
+        "hypervolume": parent.data.metrics["hypervolume"],
+        "counts": counts,
+        "front": {_arch_key(r["arch"]): r["arch"] for r in rows if r["pareto"]},
+        "stopped": {_arch_key(r["arch"]) for r in rows if r["status"] == "stopped_early"},
+    }
+
+
 def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str, Any]]:
-    """Run the three searches for every seed; one dict per seed and scheduler: wall time,
-    hypervolume, counts, front architectures and the epoch every architecture reached."""
+    """Run the three searches for every seed (a search already finished in ``work`` is read
+    back, not run again: a long benchmark can be stopped and continued); one dict per seed
+    and scheduler: wall time, hypervolume, counts, front and stopped architectures. Each
+    seed's lines are printed as soon as its three searches are done."""
     import ray
 
     from tntsearch.run import prepare, search
@@ -94,30 +127,36 @@ def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str
     for seed in args.seeds:
         for scheduler in SCHEDULERS:
             path = _spec(work, data, scheduler, seed, args)
-            spec = prepare(path)
-            # NOTE: a fresh Ray per search, as the CLI has. In one Ray session for all the
-            # searches, the Train placement groups of trials ASHA stopped stayed reserved
-            # (their cleaner actors alive, 0 CPUs free) and the next search waited forever.
-            ray.init(num_cpus=args.num_cpus or os.cpu_count(), log_to_driver=False,
-                     runtime_env={"env_vars": dict(TELEMETRY_ENV)})
-            try:
-                tic = time.perf_counter()
-                outcome = search(spec, path, progress_interval=1e9)
-                wall = time.perf_counter() - tic
-            finally:
-                ray.shutdown()
-            if outcome.interrupted:
-                raise RuntimeError(f"search {spec.name} was interrupted: {outcome.summary}")
-            out.append({
-                "seed": seed,
-                "scheduler": scheduler,
-                "wall_s": wall,
-                "hypervolume": outcome.summary["hypervolume"],
-                "counts": {k: outcome.summary[k] for k in ("completed", "stopped_early", "infeasible", "failed")},
-                "front": {_arch_key(r["arch"]): r["arch"] for r in outcome.front},
-                "stopped": {_arch_key(r["arch"]) for r in outcome.rows if r["status"] == "stopped_early"},
-            })
+            name = path.stem
+            found = _finished(name)
+            if found is None:
+                # An unfinished search is run again from the start: a resumed one's wall time
+                # would count the pause.
+                shutil.rmtree(work / "ray_results" / name, ignore_errors=True)
+                spec = prepare(path)
+                # NOTE: a fresh Ray per search, as the CLI has. In one Ray session for all the
+                # searches, the Train placement groups of trials ASHA stopped stayed reserved
+                # (their cleaner actors alive, 0 CPUs free) and the next search waited forever.
+                ray.init(num_cpus=args.num_cpus or os.cpu_count(), log_to_driver=False,
+                         runtime_env={"env_vars": dict(TELEMETRY_ENV)})
+                try:
+                    outcome = search(spec, path, progress_interval=1e9)
+                finally:
+                    ray.shutdown()
+                if outcome.interrupted:
+                    raise RuntimeError(f"search {name} was interrupted: {outcome.summary}")
+                found = _finished(name)
+            out.append({"seed": seed, "scheduler": scheduler, **found})
+        _print_rows(out[-len(SCHEDULERS):])
     return out
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    base = next(r for r in rows if r["scheduler"] == "none")
+    for r in rows:
+        print(f"{r['seed']:>4}  {r['scheduler']:<9}  {r['wall_s']:8.0f}  {r['hypervolume']:10.4g}  "
+              f"{r['hypervolume'] / base['hypervolume'] if base['hypervolume'] else float('nan'):7.3f}  "
+              f"{r['wall_s'] / base['wall_s']:9.3f}  {r['counts']}", flush=True)
 
 
 def _spread(values: list[float]) -> float:
@@ -133,24 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reduction-factor", type=float, default=2.0)
     ap.add_argument("--algorithm", choices=("random", "nsga2", "tpe"), default="random",
                     help="sampler; random proposes the same architectures under every scheduler")
-    ap.add_argument("--workdir", help="where searches, data and mlflow.db go (default: a new temp dir)")
+    ap.add_argument("--workdir", help="where searches, data and mlflow.db go (default: a new temp dir); searches "
+                    "already finished there are read back, an unfinished one is run again")
     ap.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: all)")
     args = ap.parse_args(argv)
     if args.samples < 1 or args.epochs < 1 or args.grace_period < 1:
         print("error: --samples, --epochs and --grace-period must be >= 1", file=sys.stderr)
         return 2
     tic = time.perf_counter()
-    rows = compare(args, work=args.workdir and Path(args.workdir))
-    by = {(r["seed"], r["scheduler"]): r for r in rows}
-    print(f"\nearly_stopping: digits demo space, {args.samples} trials x {args.epochs} epochs, {args.algorithm} sampler, "
+    print(f"early_stopping: digits demo space, {args.samples} trials x {args.epochs} epochs, {args.algorithm} sampler, "
           f"grace period {args.grace_period}, reduction factor {args.reduction_factor:g}, seeds {args.seeds}; "
           "hypervolume of (val_top1 max, macs min), demo reference point")
-    print(f"{'seed':>4}  {'scheduler':<9}  {'wall (s)':>8}  {'HV':>10}  {'HV/none':>7}  {'wall/none':>9}  counts")
-    for r in rows:
-        base = by[(r["seed"], "none")]
-        print(f"{r['seed']:>4}  {r['scheduler']:<9}  {r['wall_s']:8.0f}  {r['hypervolume']:10.4g}  "
-              f"{r['hypervolume'] / base['hypervolume'] if base['hypervolume'] else float('nan'):7.3f}  "
-              f"{r['wall_s'] / base['wall_s']:9.3f}  {r['counts']}")
+    print(f"{'seed':>4}  {'scheduler':<9}  {'wall (s)':>8}  {'HV':>10}  {'HV/none':>7}  {'wall/none':>9}  counts", flush=True)
+    rows = compare(args, work=args.workdir and Path(args.workdir))
+    by = {(r["seed"], r["scheduler"]): r for r in rows}
     print("\narchitectures on none's front that a scheduler stopped early:")
     lost_seeds = {}
     for seed in args.seeds:
