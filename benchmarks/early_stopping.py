@@ -6,7 +6,9 @@ same N trials side by side in one run: ``search.scheduler.type`` ``none``, ``ash
 and training seed. Printed: each search's wall time, the hypervolume of its final front
 (the spec's reference point; a stopped trial counts with the accuracy it reached,
 docs/early_stopping.md) and, per scheduler, which architectures of ``none``'s front it
-stopped early. Then per scheduler the mean and seed-to-seed spread of both, and the
+stopped early, and the epochs it trained (the cost that grows with the epoch's length, where
+wall time also counts each trial's fixed start-up). Then per scheduler the mean and
+seed-to-seed spread, and the
 issue's targets: MO-ASHA's hypervolume within ``none``'s seed-to-seed spread in at most 60%
 of its wall time, and no more ``none``-front architectures stopped than ASHA.
 
@@ -105,6 +107,7 @@ def _finished(name: str) -> dict[str, Any] | None:
         "wall_s": (parent.info.end_time - parent.info.start_time) / 1000,
         "hypervolume": parent.data.metrics["hypervolume"],
         "counts": counts,
+        "epochs": int(sum(r["metrics"].get("epochs_done", 0) for r in rows)),
         "front": {_arch_key(r["arch"]): r["arch"] for r in rows if r["pareto"]},
         "stopped": {_arch_key(r["arch"]) for r in rows if r["status"] == "stopped_early"},
     }
@@ -156,7 +159,8 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         print(f"{r['seed']:>4}  {r['scheduler']:<9}  {r['wall_s']:8.0f}  {r['hypervolume']:10.4g}  "
               f"{r['hypervolume'] / base['hypervolume'] if base['hypervolume'] else float('nan'):7.3f}  "
-              f"{r['wall_s'] / base['wall_s']:9.3f}  {r['counts']}", flush=True)
+              f"{r['wall_s'] / base['wall_s']:9.3f}  {r['epochs']:>6}  {r['epochs'] / base['epochs']:10.3f}  "
+              f"{r['counts']}", flush=True)
 
 
 def _spread(values: list[float]) -> float:
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"early_stopping: digits demo space, {args.samples} trials x {args.epochs} epochs, {args.algorithm} sampler, "
           f"grace period {args.grace_period}, reduction factor {args.reduction_factor:g}, seeds {args.seeds}; "
           "hypervolume of (val_top1 max, macs min), demo reference point")
-    print(f"{'seed':>4}  {'scheduler':<9}  {'wall (s)':>8}  {'HV':>10}  {'HV/none':>7}  {'wall/none':>9}  counts", flush=True)
+    print(f"{'seed':>4}  {'scheduler':<9}  {'wall (s)':>8}  {'HV':>10}  {'HV/none':>7}  {'wall/none':>9}  {'epochs':>6}  {'epochs/none':>10}  counts", flush=True)
     rows = compare(args, work=args.workdir and Path(args.workdir))
     by = {(r["seed"], r["scheduler"]): r for r in rows}
     print("\narchitectures on none's front that a scheduler stopped early:")
@@ -198,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\nper scheduler, over seeds (mean +- std):")
     hv = {s: [by[(seed, s)]["hypervolume"] for seed in args.seeds] for s in SCHEDULERS}
     wall = {s: [by[(seed, s)]["wall_s"] for seed in args.seeds] for s in SCHEDULERS}
+    epochs = {s: [by[(seed, s)]["epochs"] for seed in args.seeds] for s in SCHEDULERS}
     for s in SCHEDULERS:
         print(f"  {s:<7} HV {statistics.mean(hv[s]):.4g} +- {_spread(hv[s]):.3g}   wall {statistics.mean(wall[s]):.0f} +- "
               f"{_spread(wall[s]):.0f} s ({statistics.mean(wall[s]) / statistics.mean(wall['none']):.2f} of none)   "
+              f"epochs trained {statistics.mean(epochs[s]) / statistics.mean(epochs['none']):.2f} of none   "
               f"seeds where a none-front architecture was stopped: {lost_seeds.get(s, 0)}/{len(args.seeds)}")
     hv_ok = statistics.mean(hv["moasha"]) >= statistics.mean(hv["none"]) - _spread(hv["none"])
     wall_ok = statistics.mean(wall["moasha"]) <= 0.6 * statistics.mean(wall["none"])
