@@ -7,12 +7,13 @@ CPUs); while it trains, one architecture (the demo's ``tiny_tnt`` baseline) is m
 demo's ``tiny_vit`` baseline as the reference timed in between (A B A B). Each measurement
 is taken twice, back to back in alternating order: *alone* (``exclusive.measuring``: the
 trial's training steps wait meanwhile, as in a search) and *shared* (training goes on, as
-before). From the same rounds it prints the candidate's figures three ways -- the median
-round, the fastest round (the least disturbed: timeit's reasoning) and the median paired
-ratio to the reference times the reference's quiet figure -- and the spread max/min - 1 of
-each (docs/model_and_cost.md, "Measuring"; target: within 10%).
+before). From the same rounds it prints the candidate's figures four ways -- the median
+round, the fastest round (the least disturbed: timeit's reasoning), the median paired ratio
+to the reference times the reference's quiet figure, and the ratio of the two fastest
+rounds times it -- and the spread max/min - 1 of each, over all ``--rounds`` and over the
+first ``--first`` of them (docs/model_and_cost.md, "Measuring"; target: within 10%).
 
-    python benchmarks/measure_repeatability.py [--measurements 5] [--trials 3] [--epochs 5]
+    python benchmarks/measure_repeatability.py [--measurements 5] [--trials 4] [--epochs 6] [--rounds 15] [--first 5]
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from tntsearch.spec import SearchSpec
 from tntsearch.tracking import TELEMETRY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-STATS = ("median", "fastest", "corrected")
+STATS = ("median", "fastest", "corrected", "corr-fastest")
 
 
 def demo_spec(work: Path, trials: int, epochs: int) -> SearchSpec:
@@ -76,7 +77,13 @@ def figures(times: dict[str, list[float]], batch_size: int, quiet: dict[str, flo
         "fastest": (batch_size / min(times["candidate batch"]), 1e3 * min(times["candidate one"])),
         "corrected": (quiet["throughput"] * ratio("reference batch", "candidate batch"),
                       quiet["latency_ms"] * ratio("candidate one", "reference one")),
+        "corr-fastest": (quiet["throughput"] * min(times["reference batch"]) / min(times["candidate batch"]),
+                         quiet["latency_ms"] * min(times["candidate one"]) / min(times["reference one"])),
     }
+
+
+def first(times: dict[str, list[float]], n: int) -> dict[str, list[float]]:
+    return {k: v[:n] for k, v in times.items()}
 
 
 def spread(values: list[float]) -> float:
@@ -86,8 +93,10 @@ def spread(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measurements", type=int, default=5)
-    ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--first", type=int, default=5, help="also the figures of the first this many rounds")
     ap.add_argument("--pause", type=float, default=2.0, help="seconds between measurements")
     args = ap.parse_args(argv)
     os.environ.update(TELEMETRY_ENV)
@@ -100,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         m = spec.constraints.measure
         points = dict(baseline_points(spec))
         candidate, reference = (arch_from_params(points[n], spec.space) for n in ("tiny_tnt", "tiny_vit"))
-        print(f"tiny_tnt against tiny_vit, batch {m.batch_size}, {m.rounds} rounds, warm-up {m.warmup}", flush=True)
+        print(f"tiny_tnt against tiny_vit, batch {m.batch_size}, {args.rounds} rounds, warm-up {m.warmup}", flush=True)
 
         def measure(alone: bool) -> dict[str, list[float]]:
-            return ray.get(timed.remote(candidate, reference, m.batch_size, m.rounds, m.warmup, alone))
+            return ray.get(timed.remote(candidate, reference, m.batch_size, args.rounds, m.warmup, alone))
 
         q = measure(True)
         quiet = {"throughput": m.batch_size / statistics.median(q["reference batch"]),
@@ -116,20 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         search.start()
         while ray.available_resources().get("CPU", 2) > 1 and search.is_alive():  # until a trial trains
             time.sleep(0.5)
-        rows: dict[str, list[dict[str, tuple[float, float]]]] = {"alone": [], "shared": []}
+        rows: dict[str, list[dict[str, tuple[float, float]]]] = {k: [] for k in ("alone", "shared", "alone first",
+                                                                                 "shared first")}
         print("images/s and ms of tiny_tnt by " + ", ".join(STATS), flush=True)
         for i in range(args.measurements):
             for kind in ("alone", "shared") if i % 2 == 0 else ("shared", "alone"):
                 training = ray.available_resources().get("CPU", 2) <= 1
-                f = figures(measure(kind == "alone"), m.batch_size, quiet)
+                times = measure(kind == "alone")
+                f = figures(times, m.batch_size, quiet)
                 rows[kind].append(f)
+                rows[f"{kind} first"].append(figures(first(times, args.first), m.batch_size, quiet))
                 print(f"{i + 1} {kind:6}: " + "  ".join(f"{s} {f[s][0]:5.0f} {f[s][1]:5.2f}" for s in STATS)
                       + f"; a trial training: {'yes' if training else 'no'}; load average {os.getloadavg()[0]:.2f}",
                       flush=True)
             time.sleep(args.pause)
         print("max/min - 1 over the measurements (throughput / latency):")
         for kind, fs in rows.items():
-            print(f"  {kind:6}: " + "  ".join(
+            print(f"  {kind:12}: " + "  ".join(
                 f"{s} {spread([f[s][0] for f in fs]):6.1%} / {spread([f[s][1] for f in fs]):6.1%}" for s in STATS))
         search.join()
         ray.shutdown()
