@@ -30,6 +30,7 @@ from tntsearch.model import TNT, TNTConfig, create_model  # noqa: E402
 __all__ = ["EXIT_BAD_INPUT", "ExportResult", "export", "main"]
 
 EXIT_BAD_INPUT = 2
+SELECTION_METRIC = "search_top1"  # supernet mode: a candidate's top-1 on the selection data (docs/export.md)
 
 
 @dataclass
@@ -117,7 +118,15 @@ def _chosen_trial(client: Any, experiment: str | None, run_id: str | None, pick_
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         raise ValueError(f"experiment {experiment!r}: search {search.name!r} (parent run {search.parent_run_id}) "
                          f"has no finished feasible trial to export (trials by status: {counts or 'none'})")
-    row = pick(search.candidates, search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
+    rows = search.candidates
+    if all(SELECTION_METRIC in r["metrics"] for r in rows):
+        # NOTE: supernet mode chose its front on the held-out selection data and scored it on
+        # data.val only to report it (docs/supernet.md); picking on data.val would use it twice.
+        chosen = pick([{**r, "metrics": {**r["metrics"], ACCURACY_METRIC: r["metrics"][SELECTION_METRIC]}}
+                       for r in rows], search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
+        row = next(r for r in rows if r["run_id"] == chosen["run_id"])
+        return search, dict(row), f"{pick_rule} on {SELECTION_METRIC}"
+    row = pick(rows, search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
     return search, dict(row), pick_rule
 
 
