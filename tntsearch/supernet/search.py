@@ -93,15 +93,12 @@ def _loaded(spec: SearchSpec, checkpoint: str, which: str) -> tuple[Any, Any]:
     key = (checkpoint, which, str(device))
     if key not in _LOADED:
         from tntsearch.data import clone_batch, make_eval_loader
-        from tntsearch.supernet.model import Supernet
+        from tntsearch.supernet.model import load_supernet
         from tntsearch.supernet.selection import search_source
 
         net = next((n for (c, _, d), (n, _) in _LOADED.items() if c == checkpoint and d == str(device)), None)
         if net is None:
-            state = _open_checkpoint(checkpoint)
-            net = Supernet(spec.space)
-            net.load_state_dict(state["model"])
-            net = net.to(device).eval()
+            net = load_supernet(_open_checkpoint(checkpoint), spec).to(device)
         path, indices, _ = search_source(spec.data, spec.train.seed) if which == "search" else (spec.data.val, None, "")
         loader = make_eval_loader(spec.data, path, net.space.bounds.img_size, device=device, indices=indices)
         size = len(loader.indices) * 3 * net.space.bounds.img_size ** 2 * 4
