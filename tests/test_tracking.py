@@ -20,7 +20,7 @@ import pytest
 
 import search_utils
 from cluster_utils import free_port
-from search_utils import demo_spec, non_dominated, replay
+from search_utils import demo_spec, mlflow_runs, non_dominated, replay, run_cli
 from tntsearch import report, run
 from tntsearch.tracking import (
     MlflowTracker,
@@ -444,3 +444,37 @@ def test_an_unusable_tracking_store_stops_the_search_before_ray_starts(where, wh
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: `mlflow.tracking_uri` {uri}:") and what in err[0]
     assert ray.is_initialized() == ray_before  # refused before Ray was started
+
+
+def test_a_search_whose_records_mlflow_refuses_exits_3_naming_the_fallback_file(digits, tmp_path):
+    """The CLI end to end (docs/tracking.md): someone deletes the search's parent run in
+    MLflow while the search runs, so the store refuses its later records for good ("must be
+    in the 'active' state", HTTP 400). The search still finishes; the CLI exits 3 naming the
+    fallback file, which holds the parent's end; with the run restored, importing the file
+    completes the search in MLflow."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # No machine reaches 1e12 images/s: every trial is costed, measured and infeasible; none trains.
+    spec = demo_spec(tmp_path, digits, "refused", num_samples=3, epochs=1, max_concurrent=1, tracking_uri=store,
+                     constraints={"max_macs": 3.0e6, "min_throughput": 1e12})
+    client = MlflowClient(store)
+    deleted = []
+
+    def delete_the_parent(line: str) -> None:  # after the first of three trials: two are to come
+        if not deleted and ": infeasible" in line:
+            deleted.append(mlflow_runs(store, "refused")[0][0].info.run_id)
+            client.delete_run(deleted[0])
+
+    rc, out = run_cli(spec, tmp_path, on_line=delete_the_parent)
+    fallback = tmp_path / "ray_results" / "refused" / "mlflow-pending.jsonl"
+    assert deleted and rc == 3, out[-3000:]
+    assert "[3/3 done]" in out and f"did not take are in {fallback}" in out
+    header, records = read_fallback(fallback)
+    assert "must be in the 'active' state" in header["rejected"]["parent"]
+    assert any(r["op"] == "end" and r["key"] == "parent" and r["status"] == "FINISHED" for r in records)
+
+    client.restore_run(deleted[0])
+    assert report.import_fallback(fallback) == deleted[0]
+    parents, children = mlflow_runs(store, "refused")
+    assert [p.info.status for p in parents] == ["FINISHED"]
+    assert len({c.data.tags["ray.trial_id"] for c in children}) == len(children) == 3
+    assert all(c.data.tags[TAG_STATUS] == "infeasible" and c.info.status == "FINISHED" for c in children)
