@@ -1,9 +1,16 @@
 """Export in supernet mode: the sub-network's weights come out of a real supernet checkpoint
 (``run_supernet`` through Ray Train on digits at 16 x 16) and equal the supernet's own
 forward for that sub-network; fine-tuning starts from those weights through the real
-trainer (``make_trainer(initial_weights=...)``)."""
+trainer (``make_trainer(initial_weights=...)``). End to end, the session's supernet mode
+search (``demo_supernet_search``) is exported through the CLI: every format scores on
+data.val what the search recorded, and ``--finetune 1`` trains and exports."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +120,130 @@ def test_finetuning_starts_from_the_inherited_weights(trained, digits, tmp_path)
     _, val = make_loaders(spec.data, 16, device=torch.device("cpu"), seed=0, num_classes=10)
     _, top1, _ = evaluate(inherited, val, torch.device("cpu"), None, 10)
     assert state["metrics"]["val_top1"] == pytest.approx(top1, abs=1e-9)
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--finetune", "0"], "error: `finetune` must be >= 1; got 0"),
+    (["--finetune", "1", "--retrain-epochs", "1"], "argument --retrain-epochs: not allowed with argument --finetune"),
+])
+def test_bad_finetune_arguments_exit_2(tmp_path, capsys, args, message):
+    from tntsearch.export import main
+
+    try:
+        rc = main(["--experiment", "x", *args, str(tmp_path / "out")])
+    except SystemExit as e:  # argparse's own refusal
+        rc = e.code
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: the session's supernet mode search (tests/conftest.py ``demo_supernet_search``)
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "tntsearch.export", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _top1(predict, loader) -> float:
+    """Top-1 (percent) of ``predict(images) -> logits`` over a loader."""
+    hits = seen = 0
+    with torch.no_grad():
+        for images, labels in loader:
+            hits += int((torch.as_tensor(predict(images)).argmax(-1) == labels).sum())
+            seen += len(labels)
+    return 100.0 * hits / seen
+
+
+@pytest.fixture(scope="module")
+def exported(demo_supernet_search, tmp_path_factory):
+    """The search's best-accuracy front point exported through the CLI into a copy of its
+    store (export registers a model; other modules read the original)."""
+    s = demo_supernet_search
+    root = tmp_path_factory.mktemp("export_supernet_e2e")
+    shutil.copy(s.db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    done = _cli(root, "--experiment", s.spec.experiment, "--tracking-uri", uri, str(root / "model"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"search": s, "uri": uri, "out": root / "model", "stdout": done.stdout}
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+def test_the_exported_choice_reproduces_the_accuracy_the_search_recorded(exported):
+    """Every format, run over data.val, scores the val_top1 the search recorded for the run.
+    The search scored the same weights (the supernet's slice) on the same images in float32
+    with tntsearch.train.evaluate, so the safetensors model matches it exactly; the graph
+    formats agree with it within 1e-4 in the logits, which can flip an argmax only on a
+    near-tie: they may differ by one image (100 / len(data.val) percent)."""
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    import tntsearch
+    from tntsearch.tracking import TAG_ARCH, TAG_CHECKPOINT_URI, TAG_WEIGHTS
+
+    s, out = exported["search"], exported["out"]
+    config = json.loads((out / "config.json").read_text())
+    run = MlflowClient(exported["uri"]).get_run(config["source"]["run_id"])
+    assert run.data.tags[TAG_WEIGHTS] == "supernet" and run.data.tags["mlflow.parentRunId"] == s.parent_run_id
+    assert config["architecture"] == json.loads(run.data.tags[TAG_ARCH])
+    assert config["source"]["weights"] == "supernet"
+    assert config["source"]["checkpoint"] == run.data.tags[TAG_CHECKPOINT_URI]
+    recorded = run.data.metrics["val_top1"]
+    assert config["metrics"]["val_top1"] == recorded
+    # The choice is made on the selection data, as the search made its front: a front point
+    # with the best search_top1 (ties: fewer MACs; equal points, e.g. one architecture
+    # proposed twice, are alike), not the best on data.val.
+    client = MlflowClient(exported["uri"])
+    front = [c for c in client.search_runs([run.info.experiment_id], "tags.pareto = 'true'")
+             if c.data.tags.get("mlflow.parentRunId") == s.parent_run_id]
+    key = lambda c: (c.data.metrics["search_top1"], -c.data.metrics["macs"])  # noqa: E731
+    assert run.info.run_id in {c.info.run_id for c in front} and key(run) == max(map(key, front))
+    assert config["source"]["pick"] == "best-accuracy on search_top1"
+    assert "inherited from the supernet" in exported["stdout"] and "inherited from the supernet" in (
+        out / "README.md").read_text()
+
+    _, val = make_loaders(s.spec.data, 32, device="cpu")
+    one_image = 100.0 / len(val.indices)
+    eager = tntsearch.load_model(out)
+    assert _top1(eager, val) == pytest.approx(recorded, abs=1e-6)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    mlflow.set_tracking_uri(exported["uri"])
+    formats = {
+        "torchscript": torch.jit.load(str(out / "model.torchscript.pt")),
+        "pt2": torch.export.load(str(out / "model.pt2")).module(),
+        "onnx": lambda x: session.run(["logits"], {"images": x.numpy()})[0],
+        "registry": mlflow.pytorch.load_model(f"models:/{s.spec.mlflow.registered_model}@champion"),
+    }
+    for name, predict in formats.items():
+        assert abs(_top1(predict, val) - recorded) <= one_image + 1e-9, name
+
+
+def test_finetune_trains_the_inherited_weights_and_exports_them(exported, tmp_path):
+    import tntsearch
+    from tntsearch.model import create_model, TNTConfig
+
+    s = exported["search"]
+    out = tmp_path / "tuned"
+    done = _cli(tmp_path, "--experiment", s.spec.experiment, "--tracking-uri", exported["uri"], "--finetune", "1",
+                "--no-mlflow", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = json.loads((exported["out"] / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    src = config["source"]
+    assert config["architecture"] == first["architecture"] and src["run_id"] == first["source"]["run_id"]
+    assert src["finetune_epochs"] == 1 and src["weights"] == "supernet"
+    assert src["finetuned_from"] == first["source"]["checkpoint"]
+    assert Path(src["checkpoint"]).is_relative_to(Path(s.spec.storage) / s.spec.name / "export")
+    state = load_state(src["checkpoint"])
+    assert state["epoch"] == 1 and config["metrics"]["val_top1"] == state["metrics"]["val_top1"]
+    model = create_model(TNTConfig.from_dict(state["arch"]))
+    model.load_state_dict(state["model"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(tntsearch.load_model(out)(x), model.eval()(x))
+        # it trained: the exported weights are no longer the inherited ones
+        assert not torch.equal(tntsearch.load_model(out)(x), tntsearch.load_model(exported["out"])(x))
