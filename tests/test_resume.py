@@ -1,26 +1,30 @@
 """A search driver killed with SIGKILL and resumed, end to end through the real CLI
 (docs/faults.md, "The driver killed, stopped or resumed"): one small search (4 trials x 2
 epochs, one baseline infeasible) is killed right after a trial finished and again in the
-middle of a trial's training, and resumed with ``--resume`` after each. At the end Ray Tune
-and MLflow must both hold exactly the search's trials, each once, with its true status and
-final metrics; MLflow runs of trials that Tune forgot are marked orphaned. (SIGTERM:
+middle of a trial's training, then its whole local Ray dies under it (the raylet killed
+mid-trial), and it is resumed with ``--resume`` after each. At the end Ray Tune and MLflow
+must both hold exactly the search's trials, each once, with its true status and final
+metrics; MLflow runs of trials that Tune forgot are marked orphaned. (SIGTERM:
 tests/test_storage.py.)"""
 from __future__ import annotations
 
 import contextlib
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from ray.tune import ExperimentAnalysis
-from search_utils import demo_spec, mlflow_runs, run_cli
+from search_utils import demo_spec, mlflow_runs, refused_by_cli, run_cli
 
 NUM_SAMPLES = 4
 EPOCHS = 2
 NAME = "faults"
+RAY_DEATH_NOTICED_S = 120  # how long the CLI may take to end once its raylet is dead
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +40,50 @@ def _epoch_one_logged_since(db: Path, since_ms: int) -> bool:
         return False
 
 
+def _kill_raylet_once_a_trial_trains(cli: subprocess.Popen) -> None:
+    """SIGKILL the raylet of the CLI's own local Ray (a child of the CLI, found by its command
+    line) as soon as a Ray Train worker runs under it: the whole local Ray dies mid-trial."""
+    def commands() -> dict[psutil.Process, str]:
+        out = {}
+        for proc in psutil.Process(cli.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                out[proc] = " ".join(proc.cmdline())
+        return out
+
+    while cli.poll() is None:
+        procs = commands()
+        if any(cmd.startswith("ray::RayTrainWorker") for cmd in procs.values()):
+            next(p for p, cmd in procs.items() if cmd.split(" ")[0].endswith("/raylet")).kill()
+            break
+        time.sleep(0.2)
+    try:
+        cli.wait(timeout=RAY_DEATH_NOTICED_S)
+    except subprocess.TimeoutExpired:  # the driver did not notice: a hang, shown as -9
+        with contextlib.suppress(psutil.Error):
+            procs = [psutil.Process(cli.pid), *psutil.Process(cli.pid).children(recursive=True)]
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory, digits):
-    """The one search, killed twice and finished; what each run returned."""
+    """The one search, killed twice, its Ray killed once, and finished; what each run returned."""
     cwd = tmp_path_factory.mktemp("resume")
     spec = demo_spec(cwd, digits, NAME, num_samples=NUM_SAMPLES, epochs=EPOCHS, constraints={"max_macs": 3.0e6})
     store = f"sqlite:///{cwd / 'mlflow.db'}"
     runs = {}
     # tiny_tnt (over max_macs) finishes within seconds of the start: kill right after it.
     runs["kill_between"] = run_cli(spec, cwd, interrupt_after=": infeasible", send=signal.SIGKILL)
-    runs["grow"] = run_cli(spec, cwd, "--resume", "--num-samples", str(NUM_SAMPLES + 3))
+    runs["grow"] = refused_by_cli(spec, cwd, "--resume", "--num-samples", str(NUM_SAMPLES + 3))
     start_ms = int(time.time() * 1000)
     runs["kill_mid_trial"] = run_cli(spec, cwd, "--resume", send=signal.SIGKILL,
                                      interrupt_when=lambda: _epoch_one_logged_since(cwd / "mlflow.db", start_ms))
+    # The killer waits for a Train worker itself (in run_cli's watcher thread).
+    runs["ray_killed"] = run_cli(spec, cwd, "--resume", send=_kill_raylet_once_a_trial_trains, interrupt_when=lambda: True)
     runs["finish"] = run_cli(spec, cwd, "--resume")
+    for name, (rc, out) in runs.items():  # for a post-mortem
+        (cwd / f"{name}.out").write_text(f"exit code {rc}\n{out}")
     return {"cwd": cwd, "store": store, "runs": runs}
 
 
@@ -61,6 +95,8 @@ def test_each_interruption_exits_as_documented(faulted):
     runs = faulted["runs"]
     for name in ("kill_between", "kill_mid_trial"):
         assert runs[name][0] == -signal.SIGKILL, (name, runs[name][1][-3000:])
+    rc, out = runs["ray_killed"]
+    assert rc not in (0, -signal.SIGKILL), ("the CLI went on, or hung, with its Ray dead", out[-3000:])
     rc, out = runs["grow"]
     assert rc == 2, out[-3000:]
     assert f"--num-samples {NUM_SAMPLES + 3}" in out and f"started with {NUM_SAMPLES} samples" in out
