@@ -75,7 +75,8 @@ def _mlflow_run(spec: SearchSpec, name: str, parent_run_id: str | None = None):
     tags = {TAG_SUPERNET: name, "tntsearch.role": "supernet"}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.start_run(run_name=f"supernet-{name}", tags=tags)
+    # NOTE: nested in a search, ``name`` is a path (the search's supernet folder): the run is named for the spec.
+    run = mlflow.start_run(run_name=f"supernet-{spec.name if parent_run_id else name}", tags=tags)
     dumped = spec.model_dump(mode="json")
     mlflow.log_params({f"supernet.{k}": v for k, v in dumped["supernet"].items()})
     mlflow.log_params({"supernet.workers": spec.resources.num_workers, "supernet.batch_size": spec.data.batch_size})
