@@ -260,13 +260,23 @@ class CandidateTable(TrialTable):
         self.dirty = True
 
     def front(self, run_ids: Mapping[str, str]) -> list[dict[str, Any]]:
-        if not self.frozen:
-            return super().front(run_ids)
-        return [r for r in self.rows(run_ids) if r["pareto"]]
+        """The front over distinct architectures: NSGA-II proposes an architecture again as
+        its population converges, and a repeat is the same point (its first trial stands for it)."""
+        if self.frozen:
+            return [r for r in self.rows(run_ids) if r["pareto"]]
+        seen: set[str] = set()
+        rows = []
+        for r in front_rows(self.rows(run_ids)):
+            key = json.dumps(r["arch"], sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+        mask = pareto.front_mask(rows, self.objectives)
+        return [r for r, m in zip(rows, mask) if m]
 
     def summary(self) -> dict[str, Any]:
         if not self.frozen:
-            return super().summary()
+            return {**super().summary(), "front": len(self.front({}))}
         rows = self.rows({})
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         front = [r for r in rows if r["pareto"]]
@@ -306,9 +316,7 @@ class CandidateTable(TrialTable):
         """The search is over: the front (on the selection data's scores) and the baselines
         get child runs; ``rescored`` (trial id -> ``val_top1``/``val_top5``/``val_loss`` on
         ``data.val``) replaces their ``val_*`` figures, the selection data's go to ``search_*``."""
-        rows = front_rows(self.rows({}))
-        mask = pareto.front_mask(rows, self.objectives)
-        on = {r["trial_id"] for r, m in zip(rows, mask) if m}
+        on = {r["trial_id"] for r in self.front({})}
         for tid, st in self.trials.items():
             if st.get("promoted") or not (tid in on or st.get("baseline")):
                 continue
