@@ -97,6 +97,7 @@ def test_each_interruption_exits_as_documented(faulted):
         assert runs[name][0] == -signal.SIGKILL, (name, runs[name][1][-3000:])
     rc, out = runs["ray_killed"]
     assert rc not in (0, -signal.SIGKILL), ("the CLI went on, or hung, with its Ray dead", out[-3000:])
+    assert "error: the local Ray stopped under the search" in out and "--resume" in out, out[-3000:]
     rc, out = runs["grow"]
     assert rc == 2, out[-3000:]
     assert f"--num-samples {NUM_SAMPLES + 3}" in out and f"started with {NUM_SAMPLES} samples" in out

@@ -128,6 +128,33 @@ def _sigterm_like_ctrl_c() -> threading.Event:
     return got
 
 
+def _watch_local_ray(screen, spec_path: str | Path) -> threading.Event:
+    """Say so when the local Ray this process started dies under it (its raylet killed, say):
+    Ray's core worker then ends this process with exit 1 some seconds later, before any
+    handler of ours runs, so the line is printed while it can be (docs/faults.md). Set the
+    returned event before ``ray.shutdown()``."""
+    import ray
+    from ray._private import ray_constants
+
+    done = threading.Event()
+    node = ray._private.worker._global_node
+    raylets = node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET) if node is not None and node.is_head() else None
+    if not raylets:  # a cluster this process joined: its raylet is not ours to watch
+        return done
+    raylet = raylets[0].process
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            if raylet.poll() is not None:
+                screen.print(f"error: the local Ray stopped under the search (its raylet exited with {raylet.returncode}); "
+                             f"Ray ends this process next. Finished trials are kept: continue with "
+                             f"`python -m tntsearch.run {spec_path} --resume`")
+                return
+
+    threading.Thread(target=watch, name="tntsearch-ray-watch", daemon=True).start()
+    return done
+
+
 def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interval: float = 30.0,
            screen=None) -> SearchOutcome:
     """Run (or resume) the search described by ``spec``; Ray must be initialised. ``screen``
@@ -238,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         screen.print(_connect(args.address))
         screen.reroute()  # ray.init configures Ray's loggers again
         terminated = _sigterm_like_ctrl_c()
+        ray_stopping = _watch_local_ray(screen, args.spec)
         outcome = search(spec, args.spec, resume=args.resume, screen=screen)
         screen.stop_live()
         for part in _summary(spec, outcome, screen):
@@ -246,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             screen.print(outcome.summary_line)
         import ray
 
+        ray_stopping.set()
         ray.shutdown()  # before the screen lets go of stdout: late worker lines go to the log too
     if outcome.tracking_fallback:
         print(f"tracking: records MLflow ({outcome.tracking_uri}) did not take are in {outcome.tracking_fallback}; "
