@@ -18,6 +18,7 @@ so a repeat proposal costs a lookup; MLflow gets no child run per candidate
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import time
@@ -65,7 +66,8 @@ class CandidateCache:
 
 
 def cache_name(spec: SearchSpec) -> str:
-    return f"tntsearch-candidates-{abs(hash(experiment_path(spec))):x}"
+    """The named actor's name: one per search folder, the same in every process."""
+    return f"tntsearch-candidates-{hashlib.sha1(experiment_path(spec).encode()).hexdigest()[:12]}"
 
 
 _LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # (checkpoint, images, device) -> (supernet, batches)
@@ -75,17 +77,6 @@ def _device(spec: SearchSpec) -> torch.device:
     return torch.device("cuda" if spec.resources.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _open_checkpoint(uri: str) -> dict[str, Any]:
-    from tntsearch.train import load_state
-
-    if "://" not in uri:
-        return load_state(uri)
-    import ray.train
-
-    with ray.train.Checkpoint(uri).as_directory() as d:
-        return load_state(d)
-
-
 def _loaded(spec: SearchSpec, checkpoint: str, which: str) -> tuple[Any, Any]:
     """The supernet of ``checkpoint`` (eval mode) and the images ``which`` (``search`` or
     ``val``) names, loaded once per process: the selection images as tensors when small."""
@@ -93,12 +84,13 @@ def _loaded(spec: SearchSpec, checkpoint: str, which: str) -> tuple[Any, Any]:
     key = (checkpoint, which, str(device))
     if key not in _LOADED:
         from tntsearch.data import clone_batch, make_eval_loader
+        from tntsearch.export.weights import read_state  # a folder or a URI, as export reads it
         from tntsearch.supernet.model import load_supernet
         from tntsearch.supernet.selection import search_source
 
         net = next((n for (c, _, d), (n, _) in _LOADED.items() if c == checkpoint and d == str(device)), None)
         if net is None:
-            net = load_supernet(_open_checkpoint(checkpoint), spec).to(device)
+            net = load_supernet(read_state(checkpoint), spec).to(device)
         path, indices, _ = search_source(spec.data, spec.train.seed) if which == "search" else (spec.data.val, None, "")
         loader = make_eval_loader(spec.data, path, net.space.bounds.img_size, device=device, indices=indices)
         size = len(loader.indices) * 3 * net.space.bounds.img_size ** 2 * 4
