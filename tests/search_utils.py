@@ -57,6 +57,13 @@ def demo_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, epoch
     raw["data"].update(train=str(digits / "train.beton"), val=str(digits / "val.beton"))
     raw["train"].update(epochs=epochs, warmup_epochs=min(1, epochs - 1))
     raw["search"].update(num_samples=num_samples, max_concurrent=max_concurrent, scheduler={"type": "none"}, **search)
+    return _write_spec(raw, workdir, name, tracking_uri=tracking_uri, constraints=constraints)
+
+
+def _write_spec(raw: dict[str, Any], workdir: Path, name: str, *, tracking_uri: str | None,
+                constraints: dict[str, Any] | None) -> Path:
+    """``raw`` as ``<workdir>/<name>.yaml``, its MLflow experiment ``name``, no throughput
+    constraint (load, not the code, would decide it on a shared machine) unless given."""
     raw["constraints"]["min_throughput"] = None
     raw["constraints"].update(constraints or {})
     raw["mlflow"]["experiment"] = name
@@ -78,14 +85,7 @@ def supernet_spec(workdir: Path, digits: Path, name: str, *, num_samples: int, s
     raw["supernet"]["epochs"] = supernet_epochs
     raw["train"]["warmup_epochs"] = min(1, supernet_epochs - 1)
     raw["search"].update(num_samples=num_samples, **search)
-    raw["constraints"]["min_throughput"] = None
-    raw["constraints"].update(constraints or {})
-    raw["mlflow"]["experiment"] = name
-    if tracking_uri:
-        raw["mlflow"]["tracking_uri"] = tracking_uri
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return _write_spec(raw, workdir, name, tracking_uri=tracking_uri, constraints=constraints)
 
 
 def run_cli(spec: Path, cwd: Path, *args: str, env: dict[str, str] | None = None,

@@ -34,6 +34,7 @@ __all__ = [
     "make_searcher",
     "make_scheduler",
     "constraint_values",
+    "cost_analytically",
     "run_trial",
     "make_tuner",
     "experiment_path",
@@ -198,14 +199,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, dict[str, Any]]) -> None:
-    """The Tune trainable: cost the sampled architecture, then train it if it is feasible."""
-    from ray.train._internal.session import get_session
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-
-    from tntsearch.trainer import make_trainer
-
-    tic = time.perf_counter()
+def cost_analytically(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, dict[str, Any]],
+                      started: float) -> tuple[TNTConfig, dict[str, Any]] | None:
+    """A trial's first step in either mode: the sampled architecture, which baseline it is,
+    its params and MACs, and the analytic constraints. An invalid or analytically infeasible
+    one is reported here, once, and None returned; else the architecture and its record.
+    ``cost_time_s`` counts from ``started`` (``time.perf_counter()``)."""
     params = dict(config)
     baseline = next((name for name, point in baselines.items() if point == params), "")
     record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan"),
@@ -215,13 +214,28 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
     except ValueError as e:
         record["error"] = f"invalid architecture: {e}"
         _report_infeasible(spec, record, {"valid": 1.0})
-        return
+        return None
     record.update(arch=arch.to_dict(), params=count_params(arch), macs=count_macs(arch))
     constraints = constraint_values(spec, params=record["params"], macs=record["macs"])
     if any(v > 0 for v in constraints.values()):
-        record["cost_time_s"] = time.perf_counter() - tic
+        record["cost_time_s"] = time.perf_counter() - started
         _report_infeasible(spec, record, constraints)
+        return None
+    return arch, record
+
+
+def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, dict[str, Any]]) -> None:
+    """The Tune trainable: cost the sampled architecture, then train it if it is feasible."""
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+
+    from tntsearch.trainer import make_trainer
+
+    tic = time.perf_counter()
+    costed = cost_analytically(config, spec=spec, baselines=baselines, started=tic)
+    if costed is None:
         return
+    arch, record = costed
     record.update(_measure_on_trial_device(arch, spec))
     constraints = constraint_values(spec, params=record["params"], macs=record["macs"],
                                     throughput=record["throughput"], latency_ms=record["latency_ms"])

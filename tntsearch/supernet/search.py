@@ -29,12 +29,12 @@ import ray
 import torch
 from ray import tune
 
-from tntsearch.cost import count_macs, count_params
 from tntsearch.model import TNTConfig
 from tntsearch.search import (
-    _measure_task, _report_infeasible, constraint_values, experiment_path, make_searcher, measure_settings,
+    _measure_task, _report_infeasible, constraint_values, cost_analytically, experiment_path, make_searcher,
+    measure_settings,
 )
-from tntsearch.space import arch_from_params, baseline_points
+from tntsearch.space import baseline_points
 from tntsearch.spec import SearchSpec
 from tntsearch.tracking import CONSTRAINT_PREFIX, TAG_CHECKPOINT_URI, TAG_WEIGHTS
 
@@ -124,22 +124,11 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
     the report: the search's summary subtracts it from the wall time per candidate."""
     tic = time.perf_counter()
     torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
-    params = dict(config)
-    baseline = next((name for name, point in baselines.items() if point == params), "")
-    record: dict[str, Any] = {"arch": params, "baseline": baseline, "throughput": float("nan"),
-                              "latency_ms": float("nan"), "cached": 0}
-    try:
-        arch = arch_from_params(params, spec.space)
-    except ValueError as e:
-        record["error"] = f"invalid architecture: {e}"
-        _report_infeasible(spec, record, {"valid": 1.0})
+    costed = cost_analytically(config, spec=spec, baselines=baselines, started=tic)
+    if costed is None:  # reported: its cost_time_s is all the work it took
         return
-    record.update(arch=arch.to_dict(), params=count_params(arch), macs=count_macs(arch))
-    constraints = constraint_values(spec, params=record["params"], macs=record["macs"])
-    if any(v > 0 for v in constraints.values()):
-        record["cost_time_s"] = record["work_time_s"] = time.perf_counter() - tic
-        _report_infeasible(spec, record, constraints)
-        return
+    arch, record = costed
+    record["cached"] = 0
     key = json.dumps(record["arch"], sort_keys=True)
     actor = _cache_actor(cache) if cache else None
     known = ray.get(actor.get.remote(key)) if actor is not None else None
@@ -281,7 +270,8 @@ def _summary_line(spec: SearchSpec, results: list[dict[str, Any]], wall_s: float
     session = [r for r in results if r.get("timestamp", 0) >= started]
     if session and wall_s > 0:
         per_slot = spec.search.max_concurrent * wall_s / len(session)
-        work = [r["work_time_s"] for r in session if isinstance(r.get("work_time_s"), (int, float))]
+        work = [r.get("work_time_s", r.get("cost_time_s")) for r in session]
+        work = [w for w in work if isinstance(w, (int, float))]
         overhead = per_slot - (sum(work) / len(work) if work else 0.0)
         line += (f"; this run {len(session)} in {wall_s:.0f} s: {60 * len(session) / wall_s:.1f} candidates/min, "
                  f"framework overhead {overhead:.2f} s per candidate")
