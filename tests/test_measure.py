@@ -17,7 +17,7 @@ import yaml
 
 from search_utils import ROOT
 from tntsearch import exclusive
-from tntsearch.cost import measure_speed, measure_throughput
+from tntsearch.cost import measure_speed, measure_throughput, speed_figures
 from tntsearch.search import _measure_on_trial_device, constraint_values, make_tuner
 from tntsearch.space import arch_from_params, baseline_points
 from tntsearch.spec import SearchSpec, SpecError, TrainSpec, load_spec
@@ -136,6 +136,15 @@ def test_reference_correction_follows_the_documented_formula():
         measure_speed(_Sleeper(0.0), img_size=4, reference=_Sleeper(0.0))
     with pytest.raises(ValueError, match="rounds"):
         measure_speed(_Sleeper(0.0), img_size=4, rounds=0)
+
+
+def test_figures_keep_the_fastest_round():
+    times = {"candidate batch": [0.5, 0.25, 1.0], "candidate one": [0.004, 0.002, 0.003],
+             "reference batch": [0.2, 0.1, 0.4], "reference one": [0.001, 0.0015, 0.0005]}
+    assert speed_figures(times, 8) == {"throughput": 32.0, "latency_ms": 2.0}
+    assert speed_figures(times, 8, (1000.0, 3.0)) == pytest.approx({
+        "throughput": 1000.0 * 0.1 / 0.25, "latency_ms": 3.0 * 0.002 / 0.0005, "throughput_raw": 32.0,
+        "latency_ms_raw": 2.0, "reference_throughput_raw": 80.0, "reference_latency_ms_raw": 0.5})
 
 
 def _raw_demo(**constraints) -> dict:

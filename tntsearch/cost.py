@@ -327,22 +327,21 @@ def speed_steps(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "
 def speed_figures(times: Mapping[str, Sequence[float]], batch_size: int,
                   reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
     """``throughput`` and ``latency_ms`` from the seconds per call of :func:`speed_steps`'
-    steps over the rounds: the median round of each, or, with ``reference_speed``, the
-    reference's quiet figures times the median paired ratio (the raw figures beside them)."""
-    out = {"throughput": batch_size / statistics.median(times["candidate batch"]),
-           "latency_ms": 1e3 * statistics.median(times["candidate one"])}
+    steps over the rounds: the fastest round of each (the least disturbed one, timeit's
+    reasoning), or, with ``reference_speed``, the reference's quiet figures times the ratio
+    of the two fastest rounds (the raw figures beside them)."""
+    fast = {name: min(t) for name, t in times.items()}
+    out = {"throughput": batch_size / fast["candidate batch"], "latency_ms": 1e3 * fast["candidate one"]}
     if reference_speed is None:
         return out
     ref_throughput, ref_latency_ms = reference_speed
     return {
-        "throughput": ref_throughput * statistics.median(
-            r / c for r, c in zip(times["reference batch"], times["candidate batch"])),
-        "latency_ms": ref_latency_ms * statistics.median(
-            c / r for r, c in zip(times["reference one"], times["candidate one"])),
+        "throughput": ref_throughput * fast["reference batch"] / fast["candidate batch"],
+        "latency_ms": ref_latency_ms * fast["candidate one"] / fast["reference one"],
         "throughput_raw": out["throughput"],
         "latency_ms_raw": out["latency_ms"],
-        "reference_throughput_raw": batch_size / statistics.median(times["reference batch"]),
-        "reference_latency_ms_raw": 1e3 * statistics.median(times["reference one"]),
+        "reference_throughput_raw": batch_size / fast["reference batch"],
+        "reference_latency_ms_raw": 1e3 * fast["reference one"],
     }
 
 
@@ -358,12 +357,13 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
     themselves when ``device`` is a CPU (:func:`tntsearch.exclusive.measuring`: training
     steps on this machine wait meanwhile).
 
-    With a ``reference`` model and its ``reference_speed`` = (images/s, ms) measured on the
-    same device when it was quiet, every round times candidate and reference back to back
-    (A B A B) and the figures are corrected for load by the median paired ratio::
+    Each figure is the fastest round's. With a ``reference`` model and its ``reference_speed``
+    = (images/s, ms) measured on the same device when it was quiet, every round times
+    candidate and reference back to back (A B A B) and the figures are corrected for load by
+    the ratio of the fastest rounds::
 
-        throughput = reference images/s * median(t_reference / t_candidate)
-        latency_ms = reference ms       * median(l_candidate / l_reference)
+        throughput = reference images/s * min(t_reference) / min(t_candidate)
+        latency_ms = reference ms       * min(l_candidate) / min(l_reference)
 
     The uncorrected figures come back as ``throughput_raw`` / ``latency_ms_raw`` and the
     reference's own as ``reference_throughput_raw`` / ``reference_latency_ms_raw``.
