@@ -125,7 +125,7 @@ class Measure(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: train.precision
     batch_size: int = Field(default=32, ge=1)
     compile: bool | None = None  # None: train.compile
-    rounds: int = Field(default=5, ge=1)  # timed rounds, the median is kept
+    rounds: int = Field(default=5, ge=1)  # timed rounds, the fastest is kept (docs/model_and_cost.md)
     warmup: int = Field(default=2, ge=0)
     device: Literal["cpu", "cuda"] | None = None  # None: the device the trial trains on
     resource: str | None = Field(default=None, min_length=1)  # e.g. deploy_target: the task asks {deploy_target: 1}
