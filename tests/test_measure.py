@@ -17,7 +17,7 @@ import yaml
 
 from search_utils import ROOT
 from tntsearch import exclusive
-from tntsearch.cost import measure_speed, measure_throughput, speed_figures
+from tntsearch.cost import measure_speed, measure_throughput, speed_figures, speed_steps
 from tntsearch.search import _measure_on_trial_device, constraint_values, make_tuner
 from tntsearch.space import arch_from_params, baseline_points
 from tntsearch.spec import SearchSpec, SpecError, TrainSpec, load_spec
@@ -167,12 +167,38 @@ def test_measure_section_and_latency_constraint():
     ({"throughput_batch_size": 64}, "throughput_batch_size"),
     ({"measure": {"reference": {"baseline": "nope", "throughput": 1, "latency_ms": 1}}}, "not one of search.baselines"),
     ({"measure": {"precision": "int8"}}, "constraints.measure.precision"),
+    ({"measure": {"runtime": "onnxruntime"}}, "runtime: onnxruntime measures the exported ONNX model on the CPU"),
+    ({"measure": {"runtime": "tensorrt"}}, "constraints.measure.runtime"),
 ])
 def test_bad_measure_section_names_the_field(tmp_path, constraints, message):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(_raw_demo(**constraints)))
     with pytest.raises(SpecError, match=message):
         load_spec(path)
+
+
+def test_onnxruntime_times_the_exported_model():
+    """``runtime: onnxruntime`` times an ONNX Runtime session of the model as export writes
+    it: its steps return the session's logits, equal to torch's for the same weights and
+    images, and the figures come from those steps."""
+    from tntsearch.model import create_model
+
+    spec = SearchSpec.model_validate(_raw_demo(measure={"runtime": "onnxruntime", "device": "cpu"}))
+    assert spec.constraints.measure.runtime == "onnxruntime"
+    torch.manual_seed(0)
+    net = create_model(arch_from_params(dict(baseline_points(spec))["tiny_vit"], spec.space)).eval()
+    steps = speed_steps(net, "cpu", batch_size=4, runtime="onnxruntime")
+    (logits,) = steps["candidate batch"]()
+    assert logits.shape == (4, 10) and steps["candidate one"]()[0].shape == (1, 10)
+    # Each step feeds its own fixed images (its default argument); torch on them gives the same logits.
+    feed = steps["candidate batch"].__defaults__[0]["images"]
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(feed)).numpy()
+    assert abs(logits - expected).max() < 1e-4
+    figures = measure_speed(net, "cpu", batch_size=4, rounds=2, warmup=1, runtime="onnxruntime")
+    assert figures["throughput"] > 0 and figures["latency_ms"] > 0
+    with pytest.raises(ValueError, match="onnxruntime measures on the CPU, in fp32"):
+        speed_steps(net, "cpu", batch_size=4, precision="bf16", runtime="onnxruntime")
 
 
 # --- in a real Ray ----------------------------------------------------------------------

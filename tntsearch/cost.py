@@ -307,17 +307,52 @@ def measure_throughput(cfg: TNTConfig | str | nn.Module, device: str | torch.dev
     return batch_size / statistics.median(times)
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _onnx_steps(model: nn.Module, img_size: int, batches: Sequence[int]) -> list[Callable[[], None]]:
+    """Inference steps of ``model`` exported to ONNX (as ``tntsearch export`` writes it) and
+    run by an ONNX Runtime CPU session on torch's thread count: what a user who deploys
+    ``model.onnx`` gets. One step per batch size, on one session."""
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from tntsearch.export.formats import save_onnx
+
+    model = model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_onnx(model, torch.zeros(1, 3, img_size, img_size), path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    inputs = [{"images": torch.randn(b, 3, img_size, img_size).numpy()} for b in batches]
+    return [lambda feed=feed: session.run(["logits"], feed) for feed in inputs]
+
+
 def speed_steps(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
                 precision: str = "fp32", compile: bool = False, img_size: int | None = None,
-                reference: TNTConfig | str | nn.Module | None = None) -> dict[str, Callable[[], None]]:
+                reference: TNTConfig | str | nn.Module | None = None,
+                runtime: str = "torch") -> dict[str, Callable[[], None]]:
     """The inference steps :func:`measure_speed` times: ``candidate batch`` (``batch_size``
-    images) and ``candidate one`` (one image), and the same for a ``reference`` model."""
+    images) and ``candidate one`` (one image), and the same for a ``reference`` model; in
+    torch, or with ``runtime="onnxruntime"`` through the exported ONNX file (CPU, fp32)."""
     _check_step_args("inference", precision, batch_size)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if runtime == "onnxruntime" and (torch.device(device).type != "cpu" or precision != "fp32" or compile):
+        raise ValueError("runtime onnxruntime measures on the CPU, in fp32, not compiled")
     models = {"candidate": _model(cfg, img_size)}
     if reference is not None:
         models["reference"] = _model(reference, img_size)
     steps: dict[str, Callable[[], None]] = {}
     for name, (model, size, classes) in models.items():
+        if runtime == "onnxruntime":
+            steps[f"{name} batch"], steps[f"{name} one"] = _onnx_steps(model, size, (batch_size, 1))
+            continue
         for unit, batch in (("batch", batch_size), ("one", 1)):
             steps[f"{name} {unit}"] = make_step(model, device, batch, size, "inference", precision, classes,
                                                 compile=compile)
@@ -348,14 +383,15 @@ def speed_figures(times: Mapping[str, Sequence[float]], batch_size: int,
 def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device = "cpu", batch_size: int = 32,
                   precision: str = "fp32", compile: bool = False, rounds: int = 5, warmup: int = 2,
                   img_size: int | None = None, reference: TNTConfig | str | nn.Module | None = None,
-                  reference_speed: tuple[float, float] | None = None) -> dict[str, float]:
+                  reference_speed: tuple[float, float] | None = None, runtime: str = "torch") -> dict[str, float]:
     """Inference ``throughput`` (images/s at ``batch_size``) and ``latency_ms`` (one image)
     over ``rounds`` interleaved rounds of at least 50 ms per step (:func:`timed_rounds`;
     docs/model_and_cost.md, "Measuring in a search").
 
     The warm-up (compilation included) runs first; the rounds run with the machine's CPUs to
     themselves when ``device`` is a CPU (:func:`tntsearch.exclusive.measuring`: training
-    steps on this machine wait meanwhile).
+    steps on this machine wait meanwhile). ``runtime="onnxruntime"`` times the model as
+    exported to ONNX in an ONNX Runtime CPU session instead of torch.
 
     Each figure is the fastest round's. With a ``reference`` model and its ``reference_speed``
     = (images/s, ms) measured on the same device when it was quiet, every round times
@@ -372,7 +408,7 @@ def measure_speed(cfg: TNTConfig | str | nn.Module, device: str | torch.device =
         raise ValueError("reference and reference_speed go together")
     _check_counts(warmup=(warmup, 0), rounds=(rounds, 1))
     device = _device(device)
-    steps = speed_steps(cfg, device, batch_size, precision, compile, img_size, reference)
+    steps = speed_steps(cfg, device, batch_size, precision, compile, img_size, reference, runtime)
     for step in steps.values():
         for _ in range(warmup):
             step()

@@ -165,7 +165,7 @@ def measure_settings(spec: SearchSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     resources = {"num_cpus": r.cpus_per_worker, "num_gpus": gpus, "resources": {m.resource: 1} if m.resource else None}
     kwargs = dict(threads=max(1, int(r.cpus_per_worker)), device=device, precision=m.precision or spec.train.precision,
                   compile=spec.train.compile if m.compile is None else m.compile,
-                  batch_size=m.batch_size, rounds=m.rounds, warmup=m.warmup, **reference)
+                  batch_size=m.batch_size, rounds=m.rounds, warmup=m.warmup, runtime=m.runtime, **reference)
     return resources, kwargs
 
 

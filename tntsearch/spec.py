@@ -130,6 +130,14 @@ class Measure(_Strict):
     device: Literal["cpu", "cuda"] | None = None  # None: the device the trial trains on
     resource: str | None = Field(default=None, min_length=1)  # e.g. deploy_target: the task asks {deploy_target: 1}
     reference: Reference | None = None
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: the exported model.onnx, CPU, fp32
+
+    @model_validator(mode="after")
+    def _onnxruntime_on_cpu(self) -> Measure:
+        if self.runtime == "onnxruntime" and (self.device != "cpu" or self.precision in ("bf16", "fp16") or self.compile):
+            raise ValueError("constraints.measure.runtime: onnxruntime measures the exported ONNX model on the CPU in "
+                             "fp32: set device: cpu, and neither precision bf16/fp16 nor compile: true")
+        return self
 
 
 class Constraints(_Strict):

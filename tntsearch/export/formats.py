@@ -112,7 +112,7 @@ def _export_program(model: nn.Module, example: torch.Tensor):
     return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """The dynamo exporter (torch.export -> ONNX via onnxscript, torch's default since 2.9;
     the TorchScript-based one is deprecated with torch.jit), batch axis named ``batch``.
     Weights go into the one file below 2 GB (ONNXProgram.save's default)."""
@@ -144,7 +144,7 @@ def write_export(model: TNT, out_dir: str | os.PathLike, config: Mapping[str, An
             scripted.save(str(paths["torchscript"]))
         program = _export_program(model, example)
         torch.export.save(program, str(paths["pt2"]))
-        _onnx(model, example, paths["onnx"])
+        save_onnx(model, example, paths["onnx"])
     return paths
 
 
