@@ -149,6 +149,11 @@ def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str
                 if outcome.interrupted:
                     raise RuntimeError(f"search {name} was interrupted: {outcome.summary}")
                 found = _finished(name)
+            if found["counts"]["failed"]:
+                # A failed trial is no scheduler's doing: comparing would measure the failure.
+                raise RuntimeError(f"search {name} has {found['counts']['failed']} failed trials (its log: "
+                                   f"{work / 'ray_results' / name / 'tntsearch.log'}); delete its MLflow parent run "
+                                   "and folder to run it again")
             out.append({"seed": seed, "scheduler": scheduler, **found})
         _print_rows(out[-len(SCHEDULERS):])
     return out
