@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SearchOutcome", "prepare", "search", "main"]
+__all__ = ["SearchOutcome", "prepare", "search", "adopt_callbacks", "search_outcome", "main"]
 
 EXIT_BAD_INPUT = 2
 EXIT_TRACKING = 3  # the search ran, but records MLflow did not take are in a fallback file (docs/tracking.md)
@@ -181,18 +181,33 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
     )
     screen = screen or SearchScreen(spec.search.num_samples, spec.train.epochs, interval=progress_interval)
     tuner = make_tuner(spec, callbacks=[tracker, screen], resume=resume)
-    # NOTE: a restored Tuner runs the callbacks pickled with it (Tune restores their state),
-    # not the ones built above; Ray's Tuner has no public accessor for them. The tracker's
-    # state matters; the screen shown is this process's.
-    callbacks = tuner._local_tuner.get_run_config().callbacks
-    tracker = next(c for c in callbacks if isinstance(c, MlflowTracker))
-    callbacks[:] = [screen if isinstance(c, SearchScreen) else c for c in callbacks]
-    screen.tracker = tracker
+    tracker = adopt_callbacks(tuner, screen)
     try:
         tuner.fit()
     except BaseException:
         tracker.close(status="FAILED")  # flush what was logged, or write the fallback file
         raise
+    return search_outcome(tracker, spec, exp_dir, tracking_uri)
+
+
+def adopt_callbacks(tuner, screen):
+    """The tracker the tuner will run, with ``screen`` shown in place of the pickled one.
+
+    NOTE: a restored Tuner runs the callbacks pickled with it (Tune restores their state),
+    not the ones it was built with; Ray's Tuner has no public accessor for them. The
+    tracker's state matters; the screen shown is this process's."""
+    from tntsearch.screen import SearchScreen
+    from tntsearch.tracking import MlflowTracker
+
+    callbacks = tuner._local_tuner.get_run_config().callbacks
+    tracker = next(c for c in callbacks if isinstance(c, MlflowTracker))
+    callbacks[:] = [screen if isinstance(c, SearchScreen) else c for c in callbacks]
+    screen.tracker = tracker
+    return tracker
+
+
+def search_outcome(tracker, spec, exp_dir: str, tracking_uri: str, **extra: Any) -> SearchOutcome:
+    """What the tracker holds once ``tuner.fit()`` returned, its run closed."""
     summary = tracker.summary()
     finished = sum(summary[s] for s in ("completed", "stopped_early", "infeasible", "failed"))
     return SearchOutcome(
@@ -205,6 +220,7 @@ def search(spec, spec_path: str | Path, *, resume: bool = False, progress_interv
         # NOTE: on SIGINT Tune saves its state and returns normally; unfinished trials tell.
         interrupted=finished < spec.search.num_samples,
         tracking_fallback=tracker.close(),  # already closed by Tune: what is left, if anything
+        **extra,
     )
 
 

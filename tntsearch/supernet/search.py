@@ -281,7 +281,7 @@ def _summary_line(spec: SearchSpec, results: list[dict[str, Any]], wall_s: float
 def search_supernet(spec: SearchSpec, spec_path: str | Path, *, resume: bool = False, screen=None):
     """``tntsearch.run.search`` for ``search.mode: supernet``: the supernet (trained, continued
     or reused), then the candidates; returns a ``tntsearch.run.SearchOutcome``."""
-    from tntsearch.run import SearchOutcome, check_store
+    from tntsearch.run import SearchOutcome, adopt_callbacks, check_store, search_outcome
     from tntsearch.screen import SearchScreen
     from tntsearch.tracking import MlflowTracker
 
@@ -318,10 +318,7 @@ def search_supernet(spec: SearchSpec, spec_path: str | Path, *, resume: bool = F
     cache_actor = CandidateCache.options(name=name, namespace="tntsearch", get_if_exists=True).remote()
     tuner = make_candidate_tuner(spec, checkpoint=checkpoint, callbacks=[tracker, screen] if tracker else None,
                                  resume=restoring, cache=name)
-    callbacks = tuner._local_tuner.get_run_config().callbacks  # NOTE: as tntsearch.run.search
-    tracker = next(c for c in callbacks if isinstance(c, MlflowTracker))
-    callbacks[:] = [screen if isinstance(c, SearchScreen) else c for c in callbacks]
-    screen.tracker = tracker
+    tracker = adopt_callbacks(tuner, screen)
     started, tic = time.time(), time.monotonic()
     try:
         grid = tuner.fit()
@@ -330,12 +327,5 @@ def search_supernet(spec: SearchSpec, spec_path: str | Path, *, resume: bool = F
         raise
     wall = time.monotonic() - tic
     del cache_actor
-    summary = tracker.summary()
-    finished = sum(summary[s] for s in ("completed", "stopped_early", "infeasible", "failed"))
     results = [r.metrics for r in grid if r.metrics]
-    return SearchOutcome(
-        rows=tracker.rows(), front=tracker.front(), summary=summary, experiment_path=exp_dir,
-        tracking_uri=tracking_uri, parent_run_id=tracker.parent_run_id,
-        interrupted=finished < spec.search.num_samples, tracking_fallback=tracker.close(),
-        summary_line=_summary_line(spec, results, wall, started),
-    )
+    return search_outcome(tracker, spec, exp_dir, tracking_uri, summary_line=_summary_line(spec, results, wall, started))
