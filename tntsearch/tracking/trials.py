@@ -196,11 +196,16 @@ class TrialTable:
             if want != bool(st.get("pareto")):
                 st["pareto"] = want
                 self.emit({"op": "log", "key": st["key"], "tags": {TAG_PARETO: "true" if want else "false"}})
+        self.emit(self.parent_metrics())
+
+    def parent_metrics(self) -> dict[str, Any]:
+        """The parent's record of hypervolume, front size and counts (:meth:`summary`), with
+        step = number of finished trials (any outcome)."""
         s = self.summary()
         now, step = now_ms(), self.n_finished
         metrics = [["hypervolume", s["hypervolume"], step, now], ["front_size", float(s["front"]), step, now]]
         metrics += [[f"trials_{k}", float(s[k]), step, now] for k in STATUSES]
-        self.emit({"op": "log", "key": PARENT, "metrics": metrics})
+        return {"op": "log", "key": PARENT, "metrics": metrics}
 
     def logged(self, epochs: Mapping[str, int]) -> None:
         """The last epoch MLflow holds per trial (a restored search: Tune's snapshot may be
@@ -281,14 +286,6 @@ class CandidateTable(TrialTable):
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         front = [r for r in rows if r["pareto"]]
         return {**counts, "front": len(front), "hypervolume": pareto.front_hypervolume(front, self.objectives)}
-
-    def parent_metrics(self) -> dict[str, Any]:
-        """The parent's hypervolume, front size and counts, step = finished candidates."""
-        s = self.summary()
-        now, step = now_ms(), self.n_finished
-        metrics = [["hypervolume", s["hypervolume"], step, now], ["front_size", float(s["front"]), step, now]]
-        metrics += [[f"trials_{k}", float(s[k]), step, now] for k in STATUSES]
-        return {"op": "log", "key": PARENT, "metrics": metrics}
 
     COLUMNS = ("trial_id", "status", "baseline", "pareto", "arch", "params", "macs", "throughput", "latency_ms",
                "search_top1", "search_top5", "search_loss", "val_top1", "violation", "infeasible_reason")
