@@ -37,7 +37,6 @@ DEFAULT_SPEC = ROOT / "search_spaces" / "demo_supernet.yaml"
 FALLBACK_SPEC = ROOT / "search_spaces" / "demo.yaml"
 TARGET = 0.8  # tau(inherited, stand-alone mean) >= TARGET x tau(seed 0, seed 1)
 SEEDS = (0, 1)
-_INNER = ("inner_dim", "words", "inner_heads", "inner_mlp_ratio")
 
 
 def _spec(path: str, epochs: int | None, supernet_epochs: int | None, img_size: int | None):
@@ -57,12 +56,6 @@ def _spec(path: str, epochs: int | None, supernet_epochs: int | None, img_size: 
     return spec.model_copy(update=update)
 
 
-def _same_network(arch) -> tuple:
-    """What tells two architectures apart as networks: without TNT blocks the inner ones do not exist."""
-    d = arch.to_dict()
-    return tuple(sorted((k, str(v)) for k, v in d.items() if arch.tnt_blocks or k not in _INNER))
-
-
 def architectures(spec, n: int, seed: int = 0) -> dict[str, Any]:
     """The baselines, the corners (largest, smallest, each with the other's TNT blocks), then
     seeded random sub-networks until ``n`` distinct networks."""
@@ -79,7 +72,7 @@ def architectures(spec, n: int, seed: int = 0) -> dict[str, Any]:
                    ("largest-no-tnt", TNTConfig(**{**big.to_dict(), "tnt_blocks": small.tnt_blocks})),
                    ("smallest-all-tnt", TNTConfig(**{**small.to_dict(), "tnt_blocks": big.tnt_blocks}))]
     chosen: dict[str, Any] = {}
-    seen: set[tuple] = set()
+    seen: set[str] = set()
     g = torch.Generator().manual_seed(seed)
     draws = 0
     while len(chosen) < n and draws < 1000 * n:
@@ -88,8 +81,8 @@ def architectures(spec, n: int, seed: int = 0) -> dict[str, Any]:
         else:
             name, arch = f"random-{draws}", space.sample(g)
             draws += 1
-        if _same_network(arch) not in seen:
-            seen.add(_same_network(arch))
+        if arch.network_key() not in seen:  # a DeiT sub-network is one network whatever its inner widths
+            seen.add(arch.network_key())
             chosen[name] = arch
     return chosen
 

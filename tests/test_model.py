@@ -146,6 +146,30 @@ def test_vanilla_model_builds_no_word_stem():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
+@pytest.mark.parametrize("a, b", [
+    (dict(tnt_blocks=[]), dict(tnt_blocks=[], inner_dim=24, words=16, inner_heads=4, inner_mlp_ratio=2)),
+    (dict(tnt_blocks=[], se="inner"), dict(tnt_blocks=[], se="none", se_ratio=0.5)),
+    (dict(tnt_blocks=[], se="both"), dict(tnt_blocks=[], se="outer")),
+])
+def test_configs_with_one_network_key_build_one_network(a, b):
+    ca, cb = _tiny(**a), _tiny(**b)
+    assert ca != cb and ca.network_key() == cb.network_key()
+    ma, mb = create_model(ca).eval(), create_model(cb).eval()
+    mb.load_state_dict(ma.state_dict())  # strict: the same parameters with the same shapes
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ma(x), mb(x))
+
+
+def test_a_word_parameter_of_a_tnt_block_changes_the_network_key():
+    ca, cb = _tiny(tnt_blocks=[2]), _tiny(tnt_blocks=[2], inner_heads=1)
+    assert ca.network_key() != cb.network_key()
+    ma, mb = create_model(ca).eval(), create_model(cb).eval()
+    mb.load_state_dict(ma.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(ma(x), mb(x))
+    assert _tiny(tnt_blocks=[], se="outer").network_key() != _tiny(tnt_blocks=[]).network_key()
+
+
 def test_no_weight_decay_names_exist():
     model = create_model(_tiny())
     params = dict(model.named_parameters())

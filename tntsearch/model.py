@@ -14,6 +14,7 @@ converts timm's ``tnt_s_patch16_224`` / ``tnt_b_patch16_224`` weights (its
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import operator
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 SE_MODES = ("none", "outer", "inner", "both")
+_WORD_PARAMS = ("inner_dim", "words", "inner_heads", "inner_mlp_ratio")  # build nothing without a TNT block
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,6 +180,20 @@ class TNTConfig:
         d = dataclasses.asdict(self)
         d["tnt_blocks"] = list(self.tnt_blocks)
         return d
+
+    def network_key(self) -> str:
+        """The network this config builds, as a JSON string: configs with one key build the
+        same layers, so they cost the same and inherit the same supernet weights. Without a
+        TNT block the word parameters build nothing and SE on the words is no SE; without SE
+        its ratio builds nothing. A search counts and caches architectures by this key."""
+        d = self.to_dict()
+        if not self.tnt_blocks:
+            for name in _WORD_PARAMS:
+                del d[name]
+            d["se"] = {"inner": "none", "both": "outer"}.get(self.se, self.se)
+        if d["se"] == "none":
+            del d["se_ratio"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TNTConfig:
