@@ -247,3 +247,24 @@ def test_finetune_trains_the_inherited_weights_and_exports_them(exported, tmp_pa
         assert torch.equal(tntsearch.load_model(out)(x), model.eval()(x))
         # it trained: the exported weights are no longer the inherited ones
         assert not torch.equal(tntsearch.load_model(out)(x), tntsearch.load_model(exported["out"])(x))
+
+
+def test_the_report_shows_the_front_the_search_chose(demo_supernet_search, tmp_path):
+    """``tntsearch.report`` of a supernet mode search: its front is the pareto-tagged runs
+    (chosen on search_top1), not one recomputed on the data.val figures; its hypervolume is
+    the one the search logged on the parent (of those points' data.val figures), and the
+    front the search published (pareto/front.json) is the same."""
+    from mlflow.tracking import MlflowClient
+
+    from tntsearch.report import load_search
+
+    s = demo_supernet_search
+    search = load_search(s.tracking_uri, run_id=s.parent_run_id)
+    tagged = {r["trial_id"] for r in search.rows if r["pareto"]}
+    assert tagged and search.front_ids == tagged
+    logged = MlflowClient(s.tracking_uri).get_run(s.parent_run_id).data.metrics["hypervolume"]
+    assert search.hypervolume == pytest.approx(logged, rel=1e-9)
+    front_json = json.loads(Path(MlflowClient(s.tracking_uri).download_artifacts(
+        s.parent_run_id, "pareto/front.json")).read_text())
+    assert {r["trial_id"] for r in front_json["front"]} == tagged
+    assert front_json["hypervolume"] == pytest.approx(logged, rel=1e-9)

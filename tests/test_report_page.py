@@ -112,3 +112,25 @@ def test_browser_finds_the_front_and_the_trial_table(report, tmp_path):
     visible = re.findall(r"<tr data-status=\"(\w+)\" data-front=\"\d\"(?: style=\"\")?>", dom)
     assert visible == ["infeasible"]
     assert "<span id=\"shown\">1</span> of 3 shown" in dom
+
+
+def test_a_supernet_search_keeps_the_front_it_chose_on_search_top1():
+    """Two children at the same MACs: A leads on the selection data (search_top1), B on
+    data.val. A supernet mode search chose A, so the report's front is A and its
+    hypervolume A's data.val point against the reference (0 %, 8 M MACs): 80 x 6e6. The
+    same children without search_top1 (train_each) give B: 85 x 6e6."""
+    from tntsearch.pareto import as_objectives
+    from tntsearch.report import SearchResult
+
+    def row(tid, val, search=None):
+        metrics = {"val_top1": val, "macs": 2e6, **({} if search is None else {"search_top1": search})}
+        return {"trial_id": tid, "run_id": tid, "status": "completed", "baseline": "", "pareto": False, "arch": {},
+                "metrics": metrics}
+
+    objectives = as_objectives([("val_top1", "max", 0.0), ("macs", "min", 8e6)])
+    supernet = SearchResult("p", "0", "s", objectives, 1, [row("A", 80.0, 90.0), row("B", 85.0, 85.0)])
+    assert supernet.front_ids == {"A"}
+    assert supernet.hypervolume == pytest.approx(80.0 * 6e6)
+    train_each = SearchResult("p", "0", "s", objectives, 1, [row("A", 80.0), row("B", 85.0)])
+    assert train_each.front_ids == {"B"}
+    assert train_each.hypervolume == pytest.approx(85.0 * 6e6)

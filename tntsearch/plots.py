@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +85,14 @@ def _use_log(values: np.ndarray) -> bool:
     return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 20
 
 
+def _on_front(rows: Sequence[Mapping[str, Any]], objs, front: Collection[str] | None) -> np.ndarray:
+    """Which rows are drawn as the front: the trial ids ``front`` names (the front the search
+    chose, e.g. supernet mode's, on data it does not plot), else the rows' own front."""
+    if front is None:
+        return front_mask(rows, objs)
+    return np.array([r.get("trial_id") in front for r in rows], dtype=bool)
+
+
 def _split(rows: Sequence[Mapping[str, Any]], on_front: np.ndarray) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {"trials": [], "front": [], "baselines": []}
     for i, r in enumerate(rows):
@@ -102,6 +110,7 @@ def write_front_pngs(
     objectives: Iterable[Any],
     out_dir: str | Path,
     title: str = "",
+    front: Collection[str] | None = None,
 ) -> list[Path]:
     """One PNG per :func:`plot_pairs` pair: every trial that has both values (grey), the
     trials on the spec's Pareto front (red), the 2-D non-dominated staircase of that view
@@ -113,7 +122,7 @@ def write_front_pngs(
     objs = as_objectives(objectives)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    on_front = front_mask(rows, objs)
+    on_front = _on_front(rows, objs, front)
     groups = _split(rows, on_front)
     paths = []
     for x, y in plot_pairs(objs):
@@ -186,6 +195,7 @@ def write_front_html(
     path: str | Path,
     title: str = "",
     hypervolume_value: float | None = None,
+    front: Collection[str] | None = None,
 ) -> Path:
     """One self-contained HTML page with an interactive plotly chart per :func:`plot_pairs`
     pair; hovering a point shows the trial's metrics and architecture. plotly.js is
@@ -194,7 +204,7 @@ def write_front_html(
     import plotly.graph_objects as go
 
     objs = as_objectives(objectives)
-    on_front = front_mask(rows, objs)
+    on_front = _on_front(rows, objs, front)
     groups = _split(rows, on_front)
     metrics = list(dict.fromkeys([*(o.metric for o in objs), "val_top1", "macs", "params", "throughput"]))
     hovers = [_hover(r, metrics) for r in rows]

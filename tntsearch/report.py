@@ -32,6 +32,7 @@ from tntsearch.tracking import (  # first: disables MLflow telemetry before MLfl
     PARAM_OBJECTIVES,
     TAG_ROLE,
     Outbox,
+    as_chosen,
     default_artifact_location,
     fail_fast_http,
     search_children,
@@ -75,15 +76,21 @@ class SearchResult:
 
     @property
     def front(self) -> list[dict[str, Any]]:
-        """The Pareto front, best first by the first objective."""
+        """The Pareto front the search chose (``as_chosen``: supernet mode's on its selection
+        data), best first by the first objective."""
         cands = self.candidates
-        mask = pareto.front_mask(cands, self.objectives)
+        mask = pareto.front_mask(as_chosen(cands), self.objectives)
         rows = [dict(r) for r, m in zip(cands, mask) if m]
         return _sorted(rows, self.objectives)
 
     @property
+    def front_ids(self) -> set[str]:
+        return {r["trial_id"] for r in self.front}
+
+    @property
     def hypervolume(self) -> float:
-        return pareto.front_hypervolume(self.candidates, self.objectives)
+        """Of the front's points, with the figures the search reported (``val_top1`` on data.val)."""
+        return pareto.front_hypervolume(self.front, self.objectives)
 
 
 def default_tracking_uri() -> str:
@@ -193,9 +200,10 @@ def write_plots(search: SearchResult, out_dir: str | os.PathLike[str]) -> list[P
     """The front's PNGs and interactive page (``front.html``) into ``out_dir``."""
     out = Path(out_dir)
     cands = search.candidates
-    paths = plots.write_front_pngs(cands, search.objectives, out, title=search.name)
+    front = search.front_ids
+    paths = plots.write_front_pngs(cands, search.objectives, out, title=search.name, front=front)
     paths.append(plots.write_front_html(cands, search.objectives, out / "front.html", title=search.name,
-                                        hypervolume_value=search.hypervolume))
+                                        hypervolume_value=search.hypervolume, front=front))
     return paths
 
 

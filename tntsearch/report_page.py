@@ -69,7 +69,7 @@ def _hypervolume_div(history: Sequence[Any], objectives: Any, rows: Sequence[Any
 
 
 def _table(search: Any) -> str:
-    front_ids = {r["trial_id"] for r in search.front}
+    front_ids = search.front_ids
     metrics = list(dict.fromkeys([*(o.metric for o in search.objectives), "val_top1", "macs", "params", "throughput"]))
     head = ["trial", "status", "front", "baseline", *metrics, *_ARCH, "reason", "MLflow run"]
     body = []
@@ -93,7 +93,7 @@ def _table(search: Any) -> str:
 
 
 def _baselines(search: Any) -> str:
-    front_ids = {r["trial_id"] for r in search.front}
+    front_ids = search.front_ids
     items = []
     for b in (r for r in search.rows if r["baseline"]):
         where = "on the front" if b["trial_id"] in front_ids else "dominated by the front"
@@ -109,7 +109,8 @@ def write_report(search: Any, path: str | Path, hypervolume_history: Sequence[An
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     front_page = plots.write_front_html(search.candidates, search.objectives, path.with_name("front.html"),
-                                        title=search.name, hypervolume_value=search.hypervolume).read_text()
+                                        title=search.name, hypervolume_value=search.hypervolume,
+                                        front=search.front_ids).read_text()
     front = front_page.split("<body", 1)[1].split(">", 1)[1].rsplit("</body>", 1)[0]
     counts: dict[str, int] = {}
     for r in search.rows:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tntsearch.tracking import (  # first: MLflow telemetry off
-    TAG_ARCH, TAG_CHECKPOINT_URI, TAG_ROLE, TAG_WEIGHTS, env_defaults, front_rows, resolve_tracking_uri,
+    SELECTION_METRIC, TAG_ARCH, TAG_CHECKPOINT_URI, TAG_ROLE, TAG_WEIGHTS, as_chosen, env_defaults, front_rows,
+    resolve_tracking_uri,
 )
 
 from tntsearch.export.card import model_card, weights_text  # noqa: E402
@@ -30,7 +31,6 @@ from tntsearch.model import TNT, TNTConfig, create_model  # noqa: E402
 __all__ = ["EXIT_BAD_INPUT", "ExportResult", "export", "main"]
 
 EXIT_BAD_INPUT = 2
-SELECTION_METRIC = "search_top1"  # supernet mode: a candidate's top-1 on the selection data (docs/export.md)
 
 
 @dataclass
@@ -119,15 +119,12 @@ def _chosen_trial(client: Any, experiment: str | None, run_id: str | None, pick_
         raise ValueError(f"experiment {experiment!r}: search {search.name!r} (parent run {search.parent_run_id}) "
                          f"has no finished feasible trial to export (trials by status: {counts or 'none'})")
     rows = search.candidates
-    if all(SELECTION_METRIC in r["metrics"] for r in rows):
-        # NOTE: supernet mode chose its front on the held-out selection data and scored it on
-        # data.val only to report it (docs/supernet.md); picking on data.val would use it twice.
-        chosen = pick([{**r, "metrics": {**r["metrics"], ACCURACY_METRIC: r["metrics"][SELECTION_METRIC]}}
-                       for r in rows], search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
-        row = next(r for r in rows if r["run_id"] == chosen["run_id"])
-        return search, dict(row), f"{pick_rule} on {SELECTION_METRIC}"
-    row = pick(rows, search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
-    return search, dict(row), pick_rule
+    chosen = pick(as_chosen(rows), search.objectives, pick_rule, min_accuracy=min_accuracy, max_macs=max_macs)
+    row = next(r for r in rows if r["run_id"] == chosen["run_id"])
+    # NOTE: supernet mode chose its front on the held-out selection data (as_chosen): the
+    # rule picks there too, and data.val stays for reporting (docs/supernet.md).
+    on = f" on {SELECTION_METRIC}" if SELECTION_METRIC in row["metrics"] else ""
+    return search, dict(row), pick_rule + on
 
 
 def _logged_spec(client: Any, parent_run_id: str):

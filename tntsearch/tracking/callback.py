@@ -40,6 +40,7 @@ from tntsearch.tracking.schema import (
     PARAM_EPOCHS,
     PARAM_OBJECTIVES,
     TAG_ROLE,
+    as_chosen,
     flatten_params,
     front_rows,
     now_ms,
@@ -59,20 +60,27 @@ def publish_front(
     rows: list[Mapping[str, Any]],
     objectives: Iterable[Any],
     title: str = "",
+    front: list[Mapping[str, Any]] | None = None,
 ) -> None:
     """Log the front's pictures (one PNG per accuracy/cost pair), its interactive page
-    (``pareto/front.html``) and table (``pareto/front.json``) on the parent run."""
+    (``pareto/front.html``) and table (``pareto/front.json``) on the parent run. The front is
+    ``front`` (a tracker's own), else the one the search chose among ``rows`` (``as_chosen``);
+    its hypervolume is of the figures shown."""
     objs = pareto.as_objectives(objectives)
     rows = front_rows(rows)
-    hv = pareto.front_hypervolume(rows, objs)
-    mask = pareto.front_mask(rows, objs)
+    if front is None:
+        mask = pareto.front_mask(as_chosen(rows), objs)
+        front = [r for r, m in zip(rows, mask) if m]
+    front = [dict(r) for r in front]
+    hv = pareto.front_hypervolume(front, objs)
+    ids = {r["trial_id"] for r in front}
     with tempfile.TemporaryDirectory(prefix="tntsearch-front-") as tmp:
-        plots.write_front_pngs(rows, objs, tmp, title=title)
-        plots.write_front_html(rows, objs, Path(tmp) / "front.html", title=title, hypervolume_value=hv)
+        plots.write_front_pngs(rows, objs, tmp, title=title, front=ids)
+        plots.write_front_html(rows, objs, Path(tmp) / "front.html", title=title, hypervolume_value=hv, front=ids)
         table = {
             "objectives": [o.to_list() for o in objs],
             "hypervolume": hv,
-            "front": [dict(r) for r, m in zip(rows, mask) if m],
+            "front": front,
         }
         (Path(tmp) / "front.json").write_text(json.dumps(table, indent=1, default=str))
         client.log_artifacts(parent_run_id, tmp, artifact_path="pareto")
@@ -421,7 +429,8 @@ class MlflowTracker(Callback):
             return
         try:
             with fail_fast_http(self.outbox.http_timeout_s):
-                publish_front(self.outbox.client, parent, self.rows(), self.objectives, title=self.run_name)
+                publish_front(self.outbox.client, parent, self.rows(), self.objectives, title=self.run_name,
+                              front=self.front())
         except Exception as e:  # noqa: BLE001 - pictures never stop the search or its parent run
             reason = " ".join(str(e).split())[:300]  # matplotlib's messages start with a newline
             if is_transient(e):

@@ -33,7 +33,9 @@ __all__ = [
     "CONSTRAINT_PREFIX",
     "PARAM_OBJECTIVES",
     "PARAM_EPOCHS",
+    "SELECTION_METRIC",
     "arch_params",
+    "as_chosen",
     "trial_row",
     "front_rows",
     "trial_outcome",
@@ -46,6 +48,7 @@ COST_METRICS = ("params", "macs", "throughput", "latency_ms", "throughput_raw", 
                 "cost_time_s")
 STATUSES = ("running", "completed", "stopped_early", "infeasible", "failed")
 ON_FRONT_STATUSES = ("completed", "stopped_early")
+SELECTION_METRIC = "search_top1"  # supernet mode: top-1 on the selection data, what the search chose on
 
 TAG_STATUS = "status"  # one of STATUSES
 TAG_REASON = "failure_reason"  # why a trial failed (first line of the exception)
@@ -129,6 +132,17 @@ def front_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     by the scheduler (with their last reported values, i.e. the model as it stands). Failed,
     infeasible and still-running trials never are."""
     return [r for r in rows if r.get("status") in ON_FRONT_STATUSES and finite(r.get("metrics", {}).get("feasible", 1)) == 1.0]
+
+
+def as_chosen(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows with the top-1 the search compared them on: supernet mode chose on the
+    held-out selection data (``search_top1`` on every row) and measured ``val_top1`` on
+    ``data.val`` only to report it (docs/supernet.md), so choosing there again would use the
+    validation set twice. Other searches' rows come back as they are."""
+    rows = list(rows)
+    if rows and all(SELECTION_METRIC in r.get("metrics", {}) for r in rows):
+        return [{**r, "metrics": {**r["metrics"], "val_top1": r["metrics"][SELECTION_METRIC]}} for r in rows]
+    return rows
 
 
 def violated(result: Mapping[str, Any]) -> str:
