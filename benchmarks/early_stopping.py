@@ -15,7 +15,7 @@ of its wall time, and no more ``none``-front architectures stopped than ASHA.
 Random search by default, so that the three searches of a seed propose the same
 architectures (a random sampler's proposals do not depend on the results) and differ only
 in what they stop; ``--algorithm nsga2`` lets results steer proposals. The throughput
-constraint is dropped, as in ``search_quality.py``: on a shared machine load, not the
+constraint is dropped, as in ``sampler_quality.py``: on a shared machine load, not the
 scheduler, would decide which architectures are feasible.
 
     python benchmarks/early_stopping.py [--samples 24] [--epochs 15] [--seeds 0 1 2] [--grace-period 2]
@@ -38,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import demo_data  # noqa: E402
 from tntsearch.tracking import TELEMETRY_ENV  # noqa: E402  (first: MLflow telemetry off)
 
 __all__ = ["compare", "main"]
@@ -45,18 +46,6 @@ __all__ = ["compare", "main"]
 SCHEDULERS = ("none", "asha", "moasha")
 EXPERIMENT = "early-stopping"
 
-
-def _digits(work: Path) -> tuple[Path, Path]:
-    """The demo's .beton files (``make demo``), or written into ``work`` if missing."""
-    train, val = ROOT / "data" / "digits_train.beton", ROOT / "data" / "digits_val.beton"
-    if train.is_file() and val.is_file():
-        return train, val
-    from tntsearch.data import convert
-
-    train, val = work / "digits_train.beton", work / "digits_val.beton"
-    convert("digits", train, split="train", num_workers=1)
-    convert("digits", val, split="val", num_workers=1)
-    return train, val
 
 
 def _spec(work: Path, data: tuple[Path, Path], scheduler: str, seed: int, args: argparse.Namespace) -> Path:
@@ -124,7 +113,7 @@ def compare(args: argparse.Namespace, work: Path | None = None) -> list[dict[str
 
     work = Path(work or tempfile.mkdtemp(prefix="tntsearch-stopping-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = _digits(work)
+    data = demo_data(work)
     os.chdir(work)  # the searches' MLflow store: <work>/mlflow.db
     out = []
     for seed in args.seeds:

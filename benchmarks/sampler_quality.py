@@ -17,7 +17,7 @@ is one generation of evolution after its random first one. The throughput constr
 dropped unless ``--keep-throughput``: on a shared 2-core machine the measured rate moves
 with other jobs' load, so feasibility, not the sampler, would decide the comparison.
 
-    python benchmarks/search_quality.py [--trials 8] [--epochs 2] [--seeds 0 1 2]
+    python benchmarks/sampler_quality.py [--trials 8] [--epochs 2] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -37,24 +37,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import demo_data  # noqa: E402
 from tntsearch.tracking import TELEMETRY_ENV  # noqa: E402  (first: MLflow telemetry off)
 
 __all__ = ["compare", "main"]
 
 ALGORITHMS = ("nsga2", "random")
 
-
-def _digits(work: Path) -> tuple[Path, Path]:
-    """The demo's .beton files (``make demo``), or written into ``work`` if missing."""
-    train, val = ROOT / "data" / "digits_train.beton", ROOT / "data" / "digits_val.beton"
-    if train.is_file() and val.is_file():
-        return train, val
-    from tntsearch.data import convert
-
-    train, val = work / "digits_train.beton", work / "digits_val.beton"
-    convert("digits", train, split="train", num_workers=1)
-    convert("digits", val, split="val", num_workers=1)
-    return train, val
 
 
 def _spec(work: Path, data: tuple[Path, Path], algorithm: str, seed: int, trials: int, epochs: int,
@@ -102,7 +91,7 @@ def compare(trials: int = 8, epochs: int = 2, seeds: tuple[int, ...] = (0, 1, 2)
 
     work = Path(work or tempfile.mkdtemp(prefix="tntsearch-quality-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    data = _digits(work)
+    data = demo_data(work)
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": dict(TELEMETRY_ENV)})
     os.chdir(work)  # the searches' MLflow store: <work>/mlflow.db
@@ -165,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     rows = compare(args.trials, args.epochs, tuple(args.seeds), work=args.workdir and Path(args.workdir),
                    keep_throughput=args.keep_throughput, num_cpus=args.num_cpus)
-    print(f"\nsearch_quality: digits demo space, K={args.trials} trials x {args.epochs} epochs per search, "
+    print(f"\nsampler_quality: digits demo space, K={args.trials} trials x {args.epochs} epochs per search, "
           f"seeds {args.seeds}; hypervolume of (val_top1 max, macs min), demo reference point")
     print(f"{'seed':>4}  {'HV nsga2':>10}  {'HV random':>10}  {'ratio':>6}  {'front n/r':>9}  {'n dom r':>7}  {'r dom n':>7}  wall n/r (s)")
     for r in rows:
