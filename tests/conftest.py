@@ -70,13 +70,13 @@ def demo_supernet_search(digits, tmp_path_factory):
     baselines) and Tune results are what tests/test_supernet_search.py and the supernet
     export tests read. A ``DemoSearch``, like ``demo_search``.
 
-    The supernet trains 2 epochs; 30 candidates (NSGA-II, seed 0, 2 at a time), scored on the
-    20% of the training images held out; max_macs 3 M makes the baseline tiny_tnt (4.12 M)
-    infeasible, as in ``demo_search``."""
+    The supernet trains 2 epochs; 30 candidates (NSGA-II, seed 0, 2 at a time, generations of
+    16, so that it proposes some networks again), scored on the 20% of the training images
+    held out; max_macs 3 M makes the baseline tiny_tnt (4.12 M) infeasible, as in ``demo_search``."""
     from search_utils import DEMO_SUPERNET_SEARCH, DemoSearch, run_cli, supernet_spec
 
     cwd = tmp_path_factory.mktemp("demo_supernet_search")
-    spec = supernet_spec(cwd, digits, DEMO_SUPERNET_SEARCH, num_samples=30, supernet_epochs=2,
+    spec = supernet_spec(cwd, digits, DEMO_SUPERNET_SEARCH, num_samples=30, population_size=16, supernet_epochs=2,
                          constraints={"max_macs": 3.0e6}, tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     rc, out = run_cli(spec, cwd)
     assert rc == 0, out[-3000:]

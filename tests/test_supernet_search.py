@@ -33,15 +33,27 @@ def _children(search):
     return [c for c in children if c.data.tags.get(TAG_ROLE) == "trial"]
 
 
-def test_summary_line_counts_every_candidate(demo_supernet_search):
+def test_summary_line_counts_every_candidate_and_each_network_once(demo_supernet_search):
+    """The line counts candidates, and distinct networks apart from repeats: configs of one
+    network (``TNTConfig.network_key``) are one architecture, measured and scored once."""
     s = demo_supernet_search
     text = " ".join(s.output.split())  # the screen wraps long lines when the output is not a terminal
-    m = re.search(rf"search '{s.spec.name}': (\d+) candidates evaluated \((\d+) scored [^,]*, (\d+) infeasible", text)
+    m = re.search(rf"search '{s.spec.name}': (\d+) candidates evaluated \((\d+) distinct architectures: "
+                  rf"(\d+) scored [^,]*, (\d+) infeasible; (\d+) repeats of those\)", text)
     assert m, s.output[-2000:]
-    last = text[m.start():]
-    assert int(m[1]) == s.spec.search.num_samples == len(s.results)
-    assert int(m[3]) == len(s.infeasible()) >= 1  # tiny_tnt at least
-    assert "candidates/min" in last and "overhead" in last
+    n, distinct, scored, infeasible, repeats = map(int, m.groups())
+    assert n == s.spec.search.num_samples == len(s.results)
+    networks: dict[str, list[dict]] = {}
+    for tid in s.results:
+        networks.setdefault(TNTConfig.from_dict(s.last(tid)["arch"]).network_key(), []).append(s.last(tid))
+    assert distinct == len(networks) < n and repeats == n - distinct  # NSGA-II proposed some again
+    feasible = [rows for rows in networks.values() if rows[0]["feasible"] == 1]
+    assert scored == len(feasible) and infeasible == distinct - scored >= 1  # tiny_tnt at least
+    for rows in feasible:  # a repeat answered from the cache got a measurement taken for this network
+        assert all(r["feasible"] == 1 for r in rows)
+        measured = {(r["throughput"], r["search_top1"]) for r in rows if not r["cached"]}
+        assert measured and all((r["throughput"], r["search_top1"]) in measured for r in rows if r["cached"])
+    assert "candidates/min" in text[m.start():] and "overhead" in text[m.start():]
 
 
 def test_every_candidate_once_in_the_table(demo_supernet_search):
@@ -74,14 +86,14 @@ def test_infeasible_candidates_are_never_scored(demo_supernet_search):
 
 def test_front_is_non_dominated_and_feasible(demo_supernet_search):
     """The front the children carry is the non-dominated set of every scored candidate on the
-    selection data's top-1 and MACs (brute force over the Tune results)."""
+    selection data's top-1 and MACs (brute force over the Tune results), each network once."""
     s = demo_supernet_search
     front = [c for c in _children(s) if c.data.tags[TAG_PARETO] == "true"]
     assert front
     scored = {tid: (s.last(tid)["search_top1"], s.last(tid)["macs"]) for tid in s.trained()}
-    expected = {json.dumps(s.last(t)["arch"], sort_keys=True) for t in non_dominated(scored)}
-    got = {json.dumps(json.loads(c.data.tags[TAG_ARCH]), sort_keys=True) for c in front}
-    assert got == expected
+    expected = {TNTConfig.from_dict(s.last(t)["arch"]).network_key() for t in non_dominated(scored)}
+    got = [TNTConfig.from_dict(json.loads(c.data.tags[TAG_ARCH])).network_key() for c in front]
+    assert sorted(got) == sorted(expected)
     for c in front:
         assert c.data.metrics["feasible"] == 1 and c.data.metrics["macs"] <= MAX_MACS
 

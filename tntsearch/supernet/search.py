@@ -129,7 +129,7 @@ def run_trial(config: dict[str, Any], *, spec: SearchSpec, baselines: dict[str, 
         return
     arch, record = costed
     record["cached"] = 0
-    key = json.dumps(record["arch"], sort_keys=True)
+    key = arch.network_key()  # configs that build one network share its measurement and scores
     actor = _cache_actor(cache) if cache else None
     known = ray.get(actor.get.remote(key)) if actor is not None else None
     if known is not None:
@@ -258,15 +258,27 @@ def rescore_on_val(rows: list[dict[str, Any]], *, spec: SearchSpec, checkpoint: 
 
 # -- the search -------------------------------------------------------------------------------
 
+def _network(result: dict[str, Any]) -> str:
+    """The network a candidate's result stands for (an invalid one: its sampled params)."""
+    try:
+        return TNTConfig.from_dict(result["arch"]).network_key()
+    except (ValueError, TypeError):
+        return json.dumps(result["arch"], sort_keys=True, default=str)
+
+
 def _summary_line(spec: SearchSpec, results: list[dict[str, Any]], wall_s: float, started: float) -> str:
-    """``search '<name>': N candidates evaluated (S scored, I infeasible, C repeats), ...`` with
-    this session's rate and framework overhead per candidate (wall per candidate and slot
-    minus the work done in the trial)."""
+    """``search '<name>': N candidates evaluated (D distinct architectures: S scored, I
+    infeasible; R repeats of those)``, with this session's rate and framework
+    overhead per candidate (wall per candidate and slot minus the work done in the trial).
+    Distinct means distinct networks (:meth:`TNTConfig.network_key`): NSGA-II proposes an
+    architecture again as its population converges, and a repeat costs a lookup
+    (:class:`CandidateCache`) or, beyond ``max_macs``, an analytic count."""
     n = len(results)
-    infeasible = sum(r.get("feasible") == 0 for r in results)
-    repeats = sum(bool(r.get("cached")) for r in results)
-    line = (f"search {spec.name!r}: {n} candidates evaluated ({n - infeasible} scored with inherited weights, "
-            f"{infeasible} infeasible, {repeats} repeats)")
+    scored = {_network(r) for r in results if r.get("feasible") == 1}
+    distinct = {_network(r) for r in results}
+    line = (f"search {spec.name!r}: {n} candidates evaluated ({len(distinct)} distinct architectures: "
+            f"{len(scored)} scored with inherited weights, {len(distinct - scored)} infeasible; "
+            f"{n - len(distinct)} repeats of those)")
     session = [r for r in results if r.get("timestamp", 0) >= started]
     if session and wall_s > 0:
         per_slot = spec.search.max_concurrent * wall_s / len(session)

@@ -266,13 +266,16 @@ class CandidateTable(TrialTable):
 
     def front(self, run_ids: Mapping[str, str]) -> list[dict[str, Any]]:
         """The front over distinct architectures: NSGA-II proposes an architecture again as
-        its population converges, and a repeat is the same point (its first trial stands for it)."""
+        its population converges, and a repeat is the same point (its first trial stands for it);
+        so is another config of the same network (``TNTConfig.network_key``)."""
+        from tntsearch.model import TNTConfig  # torch: not for the tracker's light users
+
         if self.frozen:
             return [r for r in self.rows(run_ids) if r["pareto"]]
         seen: set[str] = set()
         rows = []
         for r in front_rows(self.rows(run_ids)):
-            key = json.dumps(r["arch"], sort_keys=True, default=str)
+            key = TNTConfig.from_dict(r["arch"]).network_key()
             if key not in seen:
                 seen.add(key)
                 rows.append(r)
