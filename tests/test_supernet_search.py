@@ -1,19 +1,25 @@
 """Supernet mode end to end through the real CLI (the session's ``demo_supernet_search``: real
-Ray Tune, Optuna, Ray Train, FFCV and MLflow), and a supernet mode search interrupted with
-SIGINT and resumed."""
+Ray Tune, Optuna, Ray Train, FFCV and MLflow), and a supernet mode search killed while its
+supernet trains, run again, interrupted with SIGINT among its candidates and resumed."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import shutil
+import signal
+import sqlite3
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
+import yaml
 from search_utils import mlflow_runs, non_dominated, run_cli, supernet_spec, tune_results
 
 from tntsearch.model import TNTConfig
+from tntsearch.supernet.search import MARKER
 from tntsearch.tracking import TAG_ARCH, TAG_CHECKPOINT_URI, TAG_PARETO, TAG_ROLE, TAG_STATUS, TAG_WEIGHTS
+from tntsearch.train import load_state
 
 pytestmark = pytest.mark.slow
 
@@ -137,36 +143,108 @@ def test_supernet_training_is_a_nested_run_with_curves(demo_supernet_search):
     assert [m.step for m in history] == list(range(1, s.spec.supernet.epochs + 1))
 
 
-@pytest.mark.timeout(300)
-def test_resume_neither_loses_nor_repeats_a_candidate(demo_supernet_search, digits, tmp_path):
-    """SIGINT once 8 candidates have reported, then --resume: every candidate is in the table
-    once, and only those Tune had not yet recorded as finished at its last snapshot run again.
-    The session search's finished supernet is copied in and reused (no training here)."""
-    s = demo_supernet_search
-    n = 24
-    spec = supernet_spec(tmp_path, digits, "resumed", num_samples=n, supernet_epochs=s.spec.supernet.epochs,
-                         constraints={"max_macs": MAX_MACS}, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    src = Path(s.spec.storage, s.spec.name, "supernet", "tntsearch-supernet.json")
-    dst = tmp_path / "ray_results" / "resumed" / "supernet"
-    dst.mkdir(parents=True)
-    shutil.copy(src, dst)
+def _supernet_epochs_logged(db: Path) -> int:
+    """How many epochs of a supernet training the SQLite store holds (0 before there is one)."""
+    query = ("SELECT COUNT(DISTINCT m.step) FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+             f"WHERE m.key = 'train_loss' AND t.key = '{TAG_ROLE}' AND t.value = 'supernet'")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+            return c.execute(query).fetchone()[0]
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+
+
+def _forget_supernet_epoch(db: Path, epoch: int) -> None:
+    """Delete the supernet's metrics of ``epoch`` from the SQLite store: what a driver killed
+    after Ray Train registered that epoch's checkpoint, before it logged the epoch, leaves."""
+    runs = "SELECT run_uuid FROM tags WHERE key = ? AND value = 'supernet'"
+    with contextlib.closing(sqlite3.connect(db)) as c, c:
+        for table in ("metrics", "latest_metrics"):
+            c.execute(f"DELETE FROM {table} WHERE step = ? AND run_uuid IN ({runs})", (epoch, TAG_ROLE))
+
+
+def _kill_9(leftovers: list):
+    """A ``run_cli`` fault: SIGKILL the CLI alone (``kill -9 PID``), then wait up to 60 s for
+    the processes it had started (its local Ray, the supernet's Train workers) to end; those
+    still running are killed and put in ``leftovers``."""
+    def send(cli) -> None:
+        procs = []
+        with contextlib.suppress(psutil.Error):
+            procs = psutil.Process(cli.pid).children(recursive=True)
+        cli.kill()
+        _, alive = psutil.wait_procs(procs, timeout=60)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                leftovers.append(" ".join(proc.cmdline()))
+                proc.kill()
+    return send
+
+
+def _checkpoint_epochs(run_dir: Path) -> dict[str, int]:
+    """The supernet's Ray Train checkpoints in ``run_dir``: folder name -> the epoch it holds."""
+    return {p.name: load_state(p)["epoch"] for p in sorted(run_dir.glob("checkpoint_*")) if p.is_dir()}
+
+
+@pytest.mark.timeout(480)
+def test_resume_neither_loses_nor_repeats_a_candidate(digits, tmp_path):
+    """``kill -9`` while the supernet trains (epoch 1 of 2 checkpointed; its metrics then
+    deleted from MLflow, the worst case of the kill), then the same command (no
+    ``--resume``): the training goes on at epoch 2 in the same MLflow runs, epoch 1 logged
+    from its checkpoint, then the candidates; SIGINT once 8 have reported, then
+    ``--resume``: every candidate is in the table once, and only those Tune had not yet
+    recorded as finished at its last snapshot run again (docs/faults.md, docs/supernet.md)."""
+    n, epochs = 12, 2
+    db = tmp_path / "mlflow.db"
+    store = f"sqlite:///{db}"
+    spec = supernet_spec(tmp_path, digits, "resumed", num_samples=n, supernet_epochs=epochs,
+                         constraints={"max_macs": MAX_MACS}, tracking_uri=store)
+    raw = yaml.safe_load(spec.read_text())
+    raw["supernet"]["k"] = 0  # the largest and the smallest per step only: shorter epochs
+    spec.write_text(yaml.safe_dump(raw))
     exp = tmp_path / "ray_results" / "resumed"
+    leftovers: list[str] = []
+    rc0, out0 = run_cli(spec, tmp_path, send=_kill_9(leftovers), interrupt_when=lambda: _supernet_epochs_logged(db) >= 1)
+    assert rc0 == -signal.SIGKILL, out0[-3000:]
+    assert not leftovers, ("processes of the killed CLI outlived it by 60 s", leftovers)
+    assert _supernet_epochs_logged(db) == 1 and not (exp / "supernet" / MARKER).exists()
+    killed = _checkpoint_epochs(exp / "supernet")
+    assert sorted(killed.values()) == [1], killed
+    _forget_supernet_epoch(db, 1)
+
     reported = lambda: sum(p.stat().st_size > 0 for p in exp.glob("run_trial_*/result.json"))  # noqa: E731
     rc1, out1 = run_cli(spec, tmp_path, interrupt_when=lambda: reported() >= 8)
     assert rc1 == 130, out1[-3000:]
-    assert "reusing the finished training" in " ".join(out1.split())
+    text = " ".join(out1.split())  # the screen wraps long lines when the output is not a terminal
+    assert f"supernet: continuing its interrupted training of {epochs} epochs" in text, out1[-3000:]
+    # Epoch 1 once more, from its checkpoint (MLflow lacked it), then the epochs trained now.
+    assert re.findall(r"epoch (\d+) train_loss", text) == [str(e) for e in range(1, epochs + 1)], out1[-3000:]
+    # Epoch 1's checkpoint is kept: the training went on from it (from scratch, retention would have dropped it).
+    final = _checkpoint_epochs(exp / "supernet")
+    assert killed.items() <= final.items() and sorted(final.values()) == list(range(1, epochs + 1)), final
+    marker = json.loads((exp / "supernet" / MARKER).read_text())
+    assert load_state(marker["checkpoint"])["epoch"] == epochs
     first = {t: len(rows) for t, rows in tune_results(exp).items()}
+
     rc2, out2 = run_cli(spec, tmp_path, "--resume")
     assert rc2 == 0, out2[-3000:]
-    assert f"search 'resumed': {n} candidates evaluated" in " ".join(out2.split())
+    text = " ".join(out2.split())
+    assert f"search 'resumed': {n} candidates evaluated" in text
     results = tune_results(exp)
     assert len(results) == n
     repeated = [t for t, rows in results.items() if len(rows) > 1]
     # Tune saves its state on SIGINT: only the candidates in flight then (max_concurrent) run again.
     assert len(repeated) <= 2, repeated
     assert set(first) <= set(results)
-    (parent,), _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "resumed")
-    table = json.loads(Path(mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
-        parent.info.run_id, "candidates.json")).read_text())
+    (parent,), children = mlflow_runs(store, "resumed")
+    assert parent.info.status == "FINISHED"
+    (run,) = [c for c in children if c.data.tags.get(TAG_ROLE) == "supernet"]
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.run_id == marker["mlflow_run_id"]
+    client = mlflow.MlflowClient(store)
+    (kept,) = killed
+    for key in ("train_loss", "val_top1_smallest"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, epochs + 1)), key
+        assert history[0].value == pytest.approx(load_state(exp / "supernet" / kept)["metrics"][key])
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "candidates.json")).read_text())
     ids = [row[table["columns"].index("trial_id")] for row in table["data"]]
     assert sorted(ids) == sorted(results)

@@ -222,7 +222,8 @@ def supernet_checkpoint(spec: SearchSpec, *, parent_run_id: str | None, tracking
         echo(f"supernet: reusing the finished training at {found['checkpoint']}")
         return found["checkpoint"]
     mlflow_spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(update={"tracking_uri": tracking_uri})})
-    echo(f"supernet: training {spec.supernet.epochs} epochs ({spec.supernet.sampling}, k={spec.supernet.k}, "
+    again = "continuing its interrupted training of" if supernet_started(spec) else "training"
+    echo(f"supernet: {again} {spec.supernet.epochs} epochs ({spec.supernet.sampling}, k={spec.supernet.k}, "
          f"distill={spec.supernet.distill})")
     result, run_id = run_supernet(mlflow_spec, name=SUPERNET_RUN, storage_path=experiment_path(spec),
                                   parent_run_id=parent_run_id, run_key=str(Path(experiment_path(spec), SUPERNET_RUN)),
@@ -339,5 +340,6 @@ def search_supernet(spec: SearchSpec, spec_path: str | Path, *, resume: bool = F
         raise
     wall = time.monotonic() - tic
     del cache_actor
-    results = [r.metrics for r in grid if r.metrics]
+    # NOTE: a trial that never reported (in flight at a Ctrl-C) has Tune's placeholder metrics, no arch.
+    results = [r.metrics for r in grid if r.metrics and "arch" in r.metrics]
     return search_outcome(tracker, spec, exp_dir, tracking_uri, summary_line=_summary_line(spec, results, wall, started))

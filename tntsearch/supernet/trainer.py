@@ -25,13 +25,19 @@ TAG_SUPERNET = "tntsearch.supernet_run"  # the Ray Train run name, on the MLflow
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train loop: ``config`` holds the spec (``model_dump(mode="json")``) and
-    ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``."""
+    ``stop_epoch``; resumes from ``ray.train.get_checkpoint()``, first reporting again the
+    epoch it resumes after (without a checkpoint): a driver killed between Ray Train
+    registering that epoch and logging it never logged it (:func:`run_supernet` logs each
+    epoch once)."""
     import ray.train.torch
 
     from tntsearch.supernet.train import fit_supernet
 
+    start = ray_start_state()
+    if start is not None:
+        ray_report(dict(start["metrics"]), None)
     fit_supernet(SearchSpec.model_validate(config["spec"]), device=ray.train.torch.get_device(),
-                 report=ray_report, start_state=ray_start_state(), stop_epoch=config.get("stop_epoch"))
+                 report=ray_report, start_state=start, stop_epoch=config.get("stop_epoch"))
 
 
 def make_supernet_trainer(
@@ -118,6 +124,8 @@ def run_supernet(
             outcome["error"] = e
 
     with _mlflow_run(spec, run_key or name, parent_run_id) as run:
+        # NOTE: a resumed run reports the epoch it resumes after again: logged once.
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")}
         runner = threading.Thread(target=_fit, daemon=True)
         runner.start()
         while runner.is_alive() or not queue.empty():
@@ -125,6 +133,9 @@ def run_supernet(
                 metrics = queue.get(timeout=0.5)
             except Empty:
                 continue
+            if int(metrics["epoch"]) in logged:
+                continue
+            logged.add(int(metrics["epoch"]))
             echo(format_epoch(metrics))
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"]))
         if "error" in outcome:
