@@ -14,7 +14,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
-from search_utils import mlflow_runs, non_dominated, run_cli, supernet_spec, tune_results
+from search_utils import mlflow_runs, non_dominated, refused_by_cli, run_cli, supernet_spec, tune_results
 
 from tntsearch.model import TNTConfig
 from tntsearch.supernet.search import MARKER
@@ -224,6 +224,9 @@ def test_resume_neither_loses_nor_repeats_a_candidate(digits, tmp_path):
     marker = json.loads((exp / "supernet" / MARKER).read_text())
     assert load_state(marker["checkpoint"])["epoch"] == epochs
     first = {t: len(rows) for t, rows in tune_results(exp).items()}
+    # Candidates have run: the same command without --resume is refused, as in train_each mode.
+    rc, err = refused_by_cli(spec, tmp_path)
+    assert rc == 2 and "pass --resume to continue it" in err, err
 
     rc2, out2 = run_cli(spec, tmp_path, "--resume")
     assert rc2 == 0, out2[-3000:]
