@@ -478,3 +478,27 @@ def test_a_search_whose_records_mlflow_refuses_exits_3_naming_the_fallback_file(
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert len({c.data.tags["ray.trial_id"] for c in children}) == len(children) == 3
     assert all(c.data.tags[TAG_STATUS] == "infeasible" and c.info.status == "FINISHED" for c in children)
+
+
+@pytest.mark.parametrize("candidates", [False, True], ids=["train_each", "supernet"])
+def test_a_baseline_proposed_again_is_one_baseline(candidates):
+    """NSGA-II proposes a baseline's architecture again (800 supernet candidates made seven
+    `tiny_vit` child runs): the first trial with a baseline's name stands for it; a later one
+    is an ordinary trial, so the baseline gets one row, one child run and one place."""
+    from types import SimpleNamespace
+
+    from tntsearch.tracking import TAG_BASELINE
+    from tntsearch.tracking.trials import CandidateTable, TrialTable
+
+    records: list[dict] = []
+    objectives = [("val_top1", "max", 0.0), ("macs", "min", 8e6)]
+    table = CandidateTable(objectives, 1, records.append) if candidates else TrialTable(objectives, 1, records.append)
+    arch = {"outer_dim": 64, "depth": 4, "inner_dim": 8, "words": 4, "inner_heads": 1, "se": "none", "tnt_blocks": []}
+    for tid in ("t0", "t1", "t2"):
+        table.result(SimpleNamespace(trial_id=tid), {"arch": arch, "baseline": "tiny_vit", "feasible": 1, "epoch": 1,
+                                                     "val_top1": 80.0, "macs": 1e6})
+    assert [r["baseline"] for r in sorted(table.rows({}), key=lambda r: r["trial_id"])] == ["tiny_vit", "", ""]
+    if candidates:
+        table.finalize({})
+        promoted = [r for r in records if r.get("op") == "start" and r["tags"].get(TAG_BASELINE) == "tiny_vit"]
+        assert len(promoted) == 1

@@ -119,6 +119,8 @@ class TrialTable:
             log["params"].update(arch_params(arch))
             log["tags"][TAG_ARCH] = json.dumps(arch, default=str)
         baseline = str(result.get("baseline") or "")
+        if baseline and any(o.get("baseline") == baseline for o in self.trials.values() if o is not st):
+            baseline = ""  # the sampler proposed a baseline's architecture again: the first trial stands for it
         if baseline != st.get("baseline", ""):
             st["baseline"] = baseline
             log["tags"][TAG_BASELINE] = baseline
