@@ -13,10 +13,13 @@ For each seed, side by side in one run, on the digits demo space:
    (``supernet_ranking.standalone``), and the hypervolume of (val_top1 max, macs min) against
    the spec's reference point is computed for each mode's fully trained points.
 
-Printed per seed: candidates evaluated by each mode (and distinct architectures), each HV,
-their ratio, the wall times; then the median seed's ratio, the spread over seeds, and the
-targets: HV(supernet) >= HV(train_each) on the median seed, with >= 10x more candidates.
-With ``--mode`` naming one mode only, that mode runs (with ``--budget-s`` for train_each).
+Printed per seed: candidates evaluated by each mode and the distinct architectures among
+them (a repeat proposal is a lookup, so ratios count distinct ones), each HV, their ratio,
+the wall times; then the median seed's ratio, the spread over seeds, and the targets:
+HV(supernet) >= HV(train_each) on the median seed, with >= 10x more architectures
+evaluated. With ``--mode`` naming one mode only, that mode runs (with ``--budget-s`` for
+train_each). Each finished search's facts are kept in ``--workdir`` (``<name>.json``): the
+same command there continues a stopped run, one seed per command if need be.
 
 The throughput constraint is dropped unless ``--keep-throughput``: on a shared 2-core
 machine the measured rate moves with other jobs' load (as in ``sampler_quality.py``).
@@ -103,23 +106,32 @@ def run_mode(mode: str, seed: int, work: Path, data: tuple[Path, Path], args: ar
     offers (supernet: its front's architectures; train_each: every fully trained trial)."""
     from tntsearch.report import load_search
 
+    from tntsearch.model import TNTConfig
+    from tntsearch.report import load_search
+
     path = _spec(work, data, mode, seed, args)
-    rc, out, wall = _cli(path, work, budget_s, work / f"{path.stem}.log")
-    expected = (0,) if mode == "supernet" else (0, 130)
-    if rc not in expected:
-        raise RuntimeError(f"{path.name}: the CLI exited {rc}; see {work / (path.stem + '.log')}")
+    saved = work / f"{path.stem}.json"  # a finished search's facts: a rerun with --workdir reads them back
+    facts = json.loads(saved.read_text()) if saved.is_file() else None
+    if facts is None:
+        rc, out, wall = _cli(path, work, budget_s, work / f"{path.stem}.log")
+        expected = (0,) if mode == "supernet" else (0, 130)
+        if rc not in expected:
+            raise RuntimeError(f"{path.name}: the CLI exited {rc}; see {work / (path.stem + '.log')}")
+        facts = {"wall_s": wall}
+        if mode == "supernet":
+            line = " ".join(out.split())
+            facts["evaluated"] = int(re.search(r"(\d+) candidates evaluated", line).group(1))
+            facts["distinct"] = int(re.search(r"(\d+) distinct architectures", line).group(1))
     found = load_search(f"sqlite:///{work / 'mlflow.db'}", experiment=path.stem)
     if mode == "supernet":
-        m = re.search(r"(\d+) candidates evaluated", " ".join(out.split()))
-        evaluated = int(m.group(1)) if m else 0
         points = [r for r in found.rows if r["pareto"]]
     else:
         finished = [r for r in found.rows if r["status"] in ("completed", "infeasible")]
-        evaluated = len(finished)
+        facts["evaluated"] = len(finished)
+        facts["distinct"] = len({TNTConfig.from_dict(r["arch"]).network_key() for r in finished})
         points = [r for r in found.candidates if r["status"] == "completed"]
-    distinct = len({json.dumps(r["arch"], sort_keys=True) for r in points})
-    return {"wall_s": wall, "evaluated": evaluated, "points": points, "distinct_points": distinct,
-            "objectives": found.objectives}
+    saved.write_text(json.dumps(facts))
+    return {**facts, "points": points, "objectives": found.objectives, "saved": saved}
 
 
 def judge(found: dict[str, Any], spec_path: Path, seed: int, jobs: int) -> list[dict[str, Any]]:
@@ -175,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         if "supernet" in args.mode:
             sn = run_mode("supernet", seed, work, data, args)
             budget = sn["wall_s"]
-            sn["judged"] = judge(sn, _spec(work, data, "train_each", seed, args), seed, args.jobs)
+            if "judged" not in sn:
+                sn["judged"] = judge(sn, _spec(work, data, "train_each", seed, args), seed, args.jobs)
+                sn["saved"].write_text(json.dumps({k: sn[k] for k in ("wall_s", "evaluated", "distinct", "judged")}))
             sn["hv"] = front_hypervolume(sn["judged"], sn["objectives"])
             row["supernet"] = sn
             for r in sn["judged"]:
@@ -189,25 +203,26 @@ def main(argv: list[str] | None = None) -> int:
         for mode in MODES:
             if mode in row:
                 r = row[mode]
-                print(f"seed {seed} {mode}: {r['evaluated']} candidates evaluated in {r['wall_s']:.0f} s; "
-                      f"{len(r['points'])} fully trained points ({r['distinct_points']} distinct); HV {r['hv']:.4g}",
-                      flush=True)
+                print(f"seed {seed} {mode}: {r['evaluated']} candidates evaluated ({r['distinct']} distinct "
+                      f"architectures) in {r['wall_s']:.0f} s; {len(r.get('judged', r['points']))} fully trained "
+                      f"points; HV {r['hv']:.4g}", flush=True)
         rows.append(row)
     if all(m in row for m in MODES for row in rows):
-        print(f"\n{'seed':>4}  {'HV supernet':>11}  {'HV train_each':>13}  {'ratio':>6}  {'cands s/t':>9}  {'x':>5}  wall s/t (s)")
+        print(f"\n{'seed':>4}  {'HV supernet':>11}  {'HV train_each':>13}  {'ratio':>6}  {'distinct s/t':>12}  "
+              f"{'x':>5}  wall s/t (s)")
         for r in rows:
             s, t = r["supernet"], r["train_each"]
             r["ratio"] = s["hv"] / t["hv"] if t["hv"] > 0 else float("inf")
-            r["more"] = s["evaluated"] / max(t["evaluated"], 1)
+            r["more"] = s["distinct"] / max(t["distinct"], 1)  # repeats are lookups: not counted
             print(f"{r['seed']:>4}  {s['hv']:11.4g}  {t['hv']:13.4g}  {r['ratio']:6.3f}  "
-                  f"{s['evaluated']:>4}/{t['evaluated']:<4}  {r['more']:5.1f}  {s['wall_s']:.0f}/{t['wall_s']:.0f}")
+                  f"{s['distinct']:>5}/{t['distinct']:<6}  {r['more']:5.1f}  {s['wall_s']:.0f}/{t['wall_s']:.0f}")
         ratios = sorted(r["ratio"] for r in rows)
         median = statistics.median(ratios)
         more = statistics.median(r["more"] for r in rows)
         spread = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         print(f"\nHV(supernet) / HV(train_each): median {median:.3f} (mean {statistics.mean(ratios):.3f} +- "
               f"{spread:.3f} std over {len(ratios)} seeds, range {ratios[0]:.3f} .. {ratios[-1]:.3f}); "
-              f"candidates evaluated: {more:.1f}x (median)")
+              f"distinct architectures evaluated: {more:.1f}x (median)")
         print(f"target HV ratio >= {HV_TARGET} on the median seed: {'met' if median >= HV_TARGET else 'missed'}; "
               f"target >= {CANDIDATES_TARGET:.0f}x candidates: {'met' if more >= CANDIDATES_TARGET else 'missed'}")
     print(f"total {time.perf_counter() - tic:.0f} s")
