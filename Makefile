@@ -34,7 +34,7 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do $(PY) $$b || exit 1; done
 
 # One prepared run of the GPU checks (needs a CUDA GPU; under 8 minutes): see docs/model_and_cost.md.
 gpu-check: setup
