@@ -119,7 +119,7 @@ class TrialTable:
             log["params"].update(arch_params(arch))
             log["tags"][TAG_ARCH] = json.dumps(arch, default=str)
         baseline = str(result.get("baseline") or "")
-        if baseline and any(o.get("baseline") == baseline for o in self.trials.values() if o is not st):
+        if baseline and baseline != st.get("baseline") and any(o.get("baseline") == baseline for o in self.trials.values()):
             baseline = ""  # the sampler proposed a baseline's architecture again: the first trial stands for it
         if baseline != st.get("baseline", ""):
             st["baseline"] = baseline
