@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import requests
 
 from cluster_utils import free_port
 
-__all__ = ["MlflowServer", "PortTaken"]
+__all__ = ["MlflowServer", "PortTaken", "query_store"]
 
 
 class PortTaken(RuntimeError):
@@ -107,3 +108,13 @@ class MlflowServer:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def query_store(db: Path, query: str, params: tuple = ()) -> tuple | None:
+    """The first row of ``query`` on a search's SQLite store, read-only while the search
+    writes it; None before the store exists or while it is busy."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+            return c.execute(query, params).fetchone()
+    except sqlite3.Error:
+        return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import mlflow
 import psutil
 import pytest
 from ray.tune import ExperimentAnalysis
+from mlflow_utils import query_store
 from search_utils import demo_spec, mlflow_runs, refused_by_cli, run_cli
 
 NUM_SAMPLES = 4
@@ -33,11 +33,7 @@ def _epoch_one_logged_since(db: Path, since_ms: int) -> bool:
     """A running trial's first epoch reached MLflow after ``since_ms``: it is mid-training."""
     query = ("SELECT 1 FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid WHERE m.key = 'val_top1' AND m.step = 1 "
              "AND m.timestamp > ? AND t.key = 'status' AND t.value = 'running' LIMIT 1")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
-            return c.execute(query, (since_ms,)).fetchone() is not None
-    except sqlite3.Error:  # not created yet, or busy
-        return False
+    return query_store(db, query, (since_ms,)) is not None
 
 
 def _kill_raylet_once_a_trial_trains(cli: subprocess.Popen) -> None:

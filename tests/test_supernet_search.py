@@ -14,6 +14,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from mlflow_utils import query_store
 from search_utils import mlflow_runs, non_dominated, refused_by_cli, run_cli, supernet_spec, tune_results
 
 from tntsearch.model import TNTConfig
@@ -147,11 +148,8 @@ def _supernet_epochs_logged(db: Path) -> int:
     """How many epochs of a supernet training the SQLite store holds (0 before there is one)."""
     query = ("SELECT COUNT(DISTINCT m.step) FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
              f"WHERE m.key = 'train_loss' AND t.key = '{TAG_ROLE}' AND t.value = 'supernet'")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
-            return c.execute(query).fetchone()[0]
-    except sqlite3.Error:  # not created yet, or busy
-        return 0
+    row = query_store(db, query)
+    return row[0] if row else 0
 
 
 def _forget_supernet_epoch(db: Path, epoch: int) -> None:
